@@ -1,0 +1,35 @@
+"""morphcli: function-preserving morphs for trained PyTorch networks.
+
+>>> import morphcli
+>>> model = morphcli.load("sample_models/cnn.pt")
+>>> report = morphcli.check(model, model)
+>>> report.equivalent
+True
+
+Heavy modules (torch) are imported only when one of the functions below is first used, so the
+command line starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": "morphcli.io.api",
+    "save": "morphcli.writing",
+    "check": "morphcli.check.api",
+    "CheckReport": "morphcli.check.report",
+    "MorphError": "morphcli.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'morphcli' has no attribute {name!r}")

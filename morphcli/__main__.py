@@ -1,0 +1,3 @@
+from morphcli.cli.app import main
+
+main()

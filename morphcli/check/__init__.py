@@ -1,0 +1,1 @@
+"""Numerical equivalence of two models on seeded random inputs."""

@@ -1,0 +1,1 @@
+"""The ``morph`` command line. Modules here import torch only inside command bodies."""

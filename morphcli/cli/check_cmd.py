@@ -1,0 +1,46 @@
+"""``morph check A B``: are two models the same function? Exit 0 yes, 1 no."""
+
+from __future__ import annotations
+
+import typer
+
+from morphcli.check.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.cli import options as o
+from morphcli.cli.console import err, handled, print_json
+from morphcli.errors import EXIT_NOT_EQUIVALENT
+
+
+def check(
+    a: o.ModelArg,
+    b: o.ModelArg,
+    samples: o.Samples = DEFAULT_SAMPLES,
+    batch_size: o.BatchSize = DEFAULT_BATCH_SIZE,
+    seed: o.Seed = 0,
+    atol: o.Atol = DEFAULT_ATOL,
+    rtol: o.Rtol = DEFAULT_RTOL,
+    input_shape: o.InputShape = None,
+    trust: o.Trust = False,
+    as_json: o.Json = False,
+    debug: o.Debug = False,
+) -> None:
+    """Compare A and B on the same seeded random inputs (either may be .onnx or .pt2)."""
+    with handled(debug):
+        from morphcli.check.api import check as run_check
+        from morphcli.cli.console import shapes_arg
+
+        if a == "-" and b == "-":
+            from morphcli.errors import InputError
+
+            raise InputError("only one of A and B can be read from stdin")
+        report = run_check(a, b, samples=samples, batch_size=batch_size, seed=seed, atol=atol,
+                           rtol=rtol, input_shapes=shapes_arg(input_shape), trust=trust)
+        if as_json:
+            print_json(report.to_json())
+        else:
+            err.print(report.summary(), markup=False, highlight=False)
+    if not report.equivalent:
+        raise typer.Exit(EXIT_NOT_EQUIVALENT)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check")(check)

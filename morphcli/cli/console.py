@@ -1,0 +1,60 @@
+"""Where the CLI writes: results on stdout, human messages on stderr, errors as one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from morphcli.errors import EXIT_INTERNAL, MorphError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def handled(debug: bool = False) -> Iterator[None]:
+    """Turn every failure into one clear line on stderr and a documented exit code."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except MorphError as e:
+        _fail(f"error: {e}", e.exit_code, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted: nothing was written", 130, debug)
+    except MemoryError:
+        _fail("error: out of memory", EXIT_INTERNAL, debug)
+    except Exception as e:  # a bug of ours: still one line, the traceback with --debug
+        first = (str(e).strip().splitlines() or [""])[0]
+        _fail(f"internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",
+              EXIT_INTERNAL, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exc()
+    err.print(message, markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        err.print(message, markup=False, highlight=False)
+
+
+def shapes_arg(values: list[str] | None) -> list[tuple[int, ...]] | None:
+    from morphcli.graph.inputs import parse_shape
+
+    return [parse_shape(v) for v in values] if values else None

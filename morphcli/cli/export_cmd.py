@@ -1,0 +1,37 @@
+"""``morph export MODEL -o OUT``: convert between formats; the output suffix picks the format."""
+
+from __future__ import annotations
+
+import typer
+
+from morphcli.cli import options as o
+from morphcli.cli.console import handled, info, print_json
+from morphcli.cli.loading import LoadOptions
+
+
+def export(
+    model: o.ModelArg,
+    output: o.Output,
+    arch: o.Arch = None,
+    arch_kwargs: o.ArchKwargs = None,
+    trust: o.Trust = False,
+    input_shape: o.InputShape = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    debug: o.Debug = False,
+) -> None:
+    """Write MODEL in another format, verified against the source before success is reported."""
+    with handled(debug):
+        from morphcli.writing import write_verified
+
+        loading = LoadOptions.of(arch, arch_kwargs, trust, input_shape)
+        gm = loading.load(model)
+        result = write_verified(gm, output, source=model)
+        if as_json:
+            print_json(result)
+        elif output != "-":
+            info(f"wrote {result['output']} ({result['format']}); {result['check']['summary']}", quiet)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)

@@ -1,0 +1,56 @@
+"""``morph inspect MODEL``: the layers in execution order, with shapes and applicable morphs."""
+
+from __future__ import annotations
+
+import typer
+
+from morphcli.cli import options as o
+from morphcli.cli.console import handled, out, print_json
+from morphcli.cli.loading import LoadOptions
+
+
+def inspect(
+    model: o.ModelArg,
+    arch: o.Arch = None,
+    arch_kwargs: o.ArchKwargs = None,
+    trust: o.Trust = False,
+    input_shape: o.InputShape = None,
+    as_json: o.Json = False,
+    debug: o.Debug = False,
+) -> None:
+    """List the layers of MODEL: type, input and output shapes, parameters, applicable morphs."""
+    with handled(debug):
+        from morphcli.inspection import summarize
+
+        gm = LoadOptions.of(arch, arch_kwargs, trust, input_shape).load(model)
+        summary = summarize(gm)
+        if as_json:
+            print_json(summary)
+            return
+        _print_table(model, summary)
+
+
+def _print_table(model: str, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{model}  inputs {', '.join(_shape(i['shape']) for i in summary['inputs'])}")
+    for col, justify in (("#", "right"), ("layer", "left"), ("type", "left"), ("input", "left"),
+                         ("output", "left"), ("params", "right"), ("morphs", "left")):
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for i, layer in enumerate(summary["layers"], 1):
+        table.add_row(str(i), layer["name"], layer["type"],
+                      " ".join(_shape(s) for s in layer["input_shapes"]),
+                      " ".join(_shape(s) for s in layer["output_shapes"]),
+                      f"{layer['params']:,}", ", ".join(layer["morphs"]) or "-")
+    totals = summary["totals"]
+    table.caption = (f"{totals['layers']} layers, {totals['params']:,} parameters "
+                     f"({totals['trainable_params']:,} trainable), {totals['bytes']:,} bytes")
+    out.print(table)
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "?" if shape is None else "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)

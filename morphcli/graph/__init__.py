@@ -1,0 +1,1 @@
+"""The working representation: a torch.fx GraphModule whose layer names are module paths."""

@@ -1,0 +1,86 @@
+"""What a stored architecture description may name: layer types, functions, methods, attributes.
+
+Descriptions come from files, so nothing outside these tables is ever imported or called.
+Functions are limited to pure tensor maths (torch's ``__torch_function__``-overridable set),
+which excludes file and process access such as ``torch.save`` or ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# Attributes that may be read from a tensor in a graph (``x.shape``); nothing that climbs to
+# classes, modules or globals.
+SAFE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "real", "imag", "is_cuda"})
+
+# operator helpers that build callables, which could reach arbitrary methods, are excluded.
+_OPERATOR_EXCLUDED = {"attrgetter", "methodcaller", "itemgetter", "call"}
+
+# Tensor methods that leave tensor maths (storage, numpy, hooks, autograd) are excluded.
+_METHODS_EXCLUDED = {
+    "numpy", "tolist", "storage", "untyped_storage", "share_memory_", "register_hook",
+    "register_post_accumulate_grad_hook", "backward", "data_ptr", "pin_memory", "tolist",
+}
+
+
+@functools.cache
+def module_types() -> dict[str, type[nn.Module]]:
+    """Allowlisted layer classes by qualified name: all of torch.nn plus morphcli.modules."""
+    from morphcli import modules as own
+
+    table: dict[str, type[nn.Module]] = {}
+    for namespace in (nn, own):
+        for name in dir(namespace):
+            obj = getattr(namespace, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module):
+                table[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return table
+
+
+def module_type_name(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+@functools.cache
+def functions() -> dict[str, Callable[..., Any]]:
+    """Allowlisted call_function targets by their stored name."""
+    table: dict[str, Callable[..., Any]] = {}
+    overridable = torch.overrides.get_overridable_functions()
+    for namespace, prefix in ((torch, "torch"), (nn.functional, "torch.nn.functional")):
+        for fn in overridable.get(namespace, []):
+            name = getattr(fn, "__name__", None)
+            if name and getattr(namespace, name, None) is fn:
+                table[f"{prefix}.{name}"] = fn
+    for name in dir(operator):
+        fn = getattr(operator, name)
+        if callable(fn) and not name.startswith("__") and name not in _OPERATOR_EXCLUDED:
+            table[f"operator.{name}"] = fn
+    for name in ("sqrt", "floor", "ceil", "prod", "exp", "log"):
+        table[f"math.{name}"] = getattr(math, name)
+    table["torch._assert"] = torch._assert
+    table["builtins.getattr"] = builtins.getattr
+    return table
+
+
+@functools.cache
+def function_names() -> dict[int, str]:
+    return {id(fn): name for name, fn in functions().items()}
+
+
+@functools.cache
+def tensor_methods() -> frozenset[str]:
+    """Allowlisted call_method names: public Tensor methods that torch can override."""
+    names = set()
+    for fn in torch.overrides.get_overridable_functions().get(torch.Tensor, []):
+        name = getattr(fn, "__name__", "")
+        if name and not name.startswith("_") and name not in _METHODS_EXCLUDED:
+            names.add(name)
+    return frozenset(names)

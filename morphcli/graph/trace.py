@@ -1,0 +1,88 @@
+"""Turn an nn.Module into a shape-annotated fx GraphModule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from morphcli.errors import InputError, TraceError
+from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn layers and morphcli's own modules stay single nodes named by their module path."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m).__module__.startswith("morphcli."):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None) -> fx.GraphModule:
+    """Trace ``module`` (in eval mode) into a GraphModule and attach ``inputs`` to it.
+
+    >>> gm = trace(nn.Sequential(nn.Linear(4, 2)), [InputSpec((1, 4))])
+    """
+    if isinstance(module, fx.GraphModule):
+        gm = module
+    else:
+        _substitute_layers(module)
+        was_training = module.training
+        module.eval()
+        try:
+            graph = _Tracer().trace(module)
+        except Exception as e:  # fx raises many types; all mean "cannot follow this model"
+            raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}") from e
+        finally:
+            module.train(was_training)
+        name = type(module).__name__
+        gm = fx.GraphModule(module, graph, class_name=name if name.isidentifier() else "Model")
+    gm.eval()
+    if inputs is not None:
+        gm.meta[INPUTS_META] = tuple(inputs)
+        propagate_shapes(gm)
+    return gm
+
+
+def _substitute_layers(module: nn.Module) -> None:
+    """Swap foreign layers we re-implement (e.g. StochasticDepth) for morphcli's own."""
+    from morphcli.modules import SUBSTITUTES
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            make = SUBSTITUTES.get(f"{type(child).__module__}.{type(child).__qualname__}")
+            if make is not None:
+                replacement = make(child)
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+
+
+def propagate_shapes(gm: fx.GraphModule) -> None:
+    """Run ShapeProp on one example batch so every node carries ``tensor_meta``."""
+    specs = gm.meta.get(INPUTS_META)
+    if not specs:
+        return
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if n_placeholders != len(specs):
+        raise InputError(
+            f"the model takes {n_placeholders} input(s) but {len(specs)} input shape(s) were "
+            "given; pass one --input-shape per input"
+        )
+    with torch.no_grad():
+        try:
+            ShapeProp(gm).propagate(*example_inputs(specs, batch_size=None, seed=0))
+        except Exception as e:
+            shapes = " ".join(s.text() for s in specs)
+            raise InputError(
+                f"the model rejects input shape {shapes}: {_first_line(e)}; "
+                "pass the right --input-shape"
+            ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

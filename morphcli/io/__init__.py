@@ -1,0 +1,1 @@
+"""Reading and writing models: one suffix-dispatch table, safe by default."""

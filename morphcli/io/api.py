@@ -1,0 +1,200 @@
+"""Public load/save: any supported file in, a traced GraphModule out, and back again."""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from morphcli.errors import InputError
+from morphcli.graph.infer_inputs import resolve_inputs
+from morphcli.graph.inputs import INPUTS_META, InputSpec
+from morphcli.graph.trace import propagate_shapes, trace
+from morphcli.io.checkpoint import Checkpoint, Runner, torch_runner
+from morphcli.io.formats import FORMATS, format_for
+from morphcli.io.sniff import sniff
+
+STDIO = "-"
+_HEAD = 64 * 1024
+
+
+def load(
+    source: str | Path | nn.Module,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust: bool = False,
+    input_shapes: Sequence[tuple[int, ...]] | None = None,
+    stdin: BinaryIO | None = None,
+) -> fx.GraphModule:
+    """Load a model from any supported file (or ``"-"`` for stdin) as a traced GraphModule.
+
+    >>> model = load("sample_models/cnn.pt")
+    >>> model = load("weights.safetensors", arch="torchvision.models:resnet18",
+    ...              input_shapes=[(1, 3, 224, 224)])
+    """
+    ckpt = read_checkpoint(source, trust=trust, stdin=stdin)
+    if ckpt.runner is not None:
+        raise InputError(
+            f"{ckpt.source} is a {ckpt.kind}: it can be compared with 'morph check', but its "
+            "layers cannot be recovered for morphing or conversion; use the .pt, .safetensors "
+            "or .pt2 file it was exported from"
+        )
+    return to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes)
+
+
+def open_runner(
+    source: str | Path | nn.Module,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust: bool = False,
+    input_shapes: Sequence[tuple[int, ...]] | None = None,
+    stdin: BinaryIO | None = None,
+) -> tuple[Runner, tuple[InputSpec, ...] | None, str]:
+    """Any readable model as something to run: (runner, its input specs, a label)."""
+    if isinstance(source, nn.Module):
+        if isinstance(source, fx.GraphModule):
+            return torch_runner(source), source.meta.get(INPUTS_META), "model"
+        ckpt = Checkpoint("model", module=source)
+    else:
+        ckpt = read_checkpoint(source, trust=trust, stdin=stdin)
+    if ckpt.runner is not None:
+        specs = ckpt.inputs
+        if input_shapes:
+            specs = tuple(InputSpec(tuple(s)) for s in input_shapes)
+        return ckpt.runner, specs, ckpt.source
+    gm = to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes,
+                         require_inputs=False)
+    return torch_runner(gm), gm.meta.get(INPUTS_META), ckpt.source
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_checkpoint(
+    source: str | Path | nn.Module, *, trust: bool = False, stdin: BinaryIO | None = None
+) -> Checkpoint:
+    """Read a file (or stdin) into a Checkpoint without tracing it."""
+    if isinstance(source, fx.GraphModule):
+        return Checkpoint("model", graph_module=source, kind="model")
+    if isinstance(source, nn.Module):
+        return Checkpoint("model", module=source, kind="model")
+    if str(source) == STDIO:
+        return _read_stdin(stdin or sys.stdin.buffer, trust)
+    path = Path(source)
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"{name}: no such file")
+    if path.is_dir():
+        raise InputError(f"{name}: is a directory, not a model file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(_HEAD)
+    except OSError as e:
+        raise InputError(f"{name}: cannot read: {e.strerror}") from e
+    if not head:
+        raise InputError(f"{name}: file is empty")
+    fmt = format_for(path)
+    actual = sniff(head)
+    if fmt is None:
+        hint = f" (its content looks like {actual})" if actual else ""
+        raise InputError(
+            f"{name}: unknown suffix {path.suffix or '(none)'!r}{hint}; "
+            f"supported: {', '.join(FORMATS)}"
+        )
+    if fmt.suffix in (".pt", ".pth") and zipfile.is_zipfile(path) and _is_pt2(path):
+        fmt = FORMATS[".pt2"]
+    try:
+        return fmt.read(name, path, trust)
+    except InputError as e:
+        if actual and actual != fmt.suffix and not (actual == ".pt" and fmt.suffix in (".pt2", ".pth")):
+            raise InputError(f"{e} (the content looks like a {actual} file: wrong suffix?)") from e
+        raise
+
+
+def _read_stdin(stream: BinaryIO, trust: bool) -> Checkpoint:
+    raw = stream.read()
+    if not raw:
+        raise InputError("stdin: no data (expected a model, e.g. from 'morph ... -o -')")
+    suffix = sniff(raw[:_HEAD])
+    if suffix == ".pt" and raw.startswith(b"PK") and _is_pt2(io.BytesIO(raw)):
+        suffix = ".pt2"
+    if suffix is None:
+        raise InputError("stdin: not a model file this tool reads (expected a .pt archive)")
+    return FORMATS[suffix].read("stdin", raw, trust)
+
+
+def _is_pt2(data: Path | io.BytesIO) -> bool:
+    """torch.export programs are zips too; torch.save zips always hold a data.pkl."""
+    try:
+        with zipfile.ZipFile(data) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
+
+
+# ---------------------------------------------------------------- tracing
+
+
+def to_graph_module(
+    ckpt: Checkpoint,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shapes: Sequence[tuple[int, ...]] | None = None,
+    require_inputs: bool = True,
+) -> fx.GraphModule:
+    """Trace what the checkpoint holds and attach input specs (given, stored or inferred)."""
+    if ckpt.graph_module is not None:
+        gm = ckpt.graph_module
+        if arch:
+            raise InputError(f"{ckpt.source}: --arch is only for state_dict files; this file "
+                             "already describes its architecture")
+    elif ckpt.module is not None:
+        gm = trace(ckpt.module)
+    elif ckpt.state_dict is not None:
+        if not arch:
+            raise InputError(
+                f"{ckpt.source}: holds only weights (a state_dict); pass --arch MODULE:CALLABLE "
+                "naming the architecture, e.g. --arch torchvision.models:resnet18"
+            )
+        from morphcli.io.arch import build_arch
+
+        module = build_arch(arch, arch_kwargs)
+        _load_state_dict(module, ckpt.state_dict, ckpt.source, arch)
+        gm = trace(module)
+    else:  # pragma: no cover - read_checkpoint always fills one field
+        raise InputError(f"{ckpt.source}: nothing to load")
+    if input_shapes or not gm.meta.get(INPUTS_META):
+        try:
+            gm.meta[INPUTS_META] = resolve_inputs(gm, gm.graph, input_shapes)
+        except InputError:
+            if require_inputs:
+                raise
+            return gm
+    propagate_shapes(gm)
+    return gm
+
+
+def _load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                     arch: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", wrong)) if keys]
+        raise InputError(f"{source}: weights do not fit --arch {arch}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,75 @@
+"""Atomic writes: a temporary file beside the target, renamed into place only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from morphcli.errors import InputError
+
+
+def check_output_path(out: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """Fail early, before any work, when ``out`` cannot be written or would replace an input."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output directory {str(parent)!r} is not writable")
+    if out.is_dir():
+        raise InputError(f"output path {str(out)!r} is a directory")
+    for src in inputs:
+        if src.exists() and out.exists() and os.path.samefile(src, out):
+            raise InputError(
+                f"output {str(out)!r} is the input file; morph never overwrites its input, "
+                "choose another -o"
+            )
+        if src.resolve() == out.resolve():
+            raise InputError(
+                f"output {str(out)!r} is the input file; morph never overwrites its input, "
+                "choose another -o"
+            )
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; on success it replaces ``out``, else it vanishes.
+
+    The temporary name keeps ``out``'s suffix, since some writers pick their format from it.
+    """
+    parent = out.parent if str(out.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{out.suffix}", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise InputError(f"cannot write {str(out)!r}: {_os_reason(e)}") from e
+    finally:
+        # Runs on errors and on KeyboardInterrupt alike: no partial file is left behind.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_atomic(out: Path, write: Callable[[Path], None]) -> None:
+    with atomic_path(out) as tmp:
+        write(tmp)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return e.strerror or str(e)

@@ -1,0 +1,245 @@
+"""``.pt2`` (torch.export programs) and ``.onnx``: portable exports with a dynamic batch.
+
+Both embed the architecture description, so a ``.pt2`` the tool wrote can be morphed again;
+``.onnx`` files are read back as runnable models (for ``check``), since ONNX export folds
+layers together and the original tensors cannot be recovered from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from morphcli.errors import InputError
+from morphcli.graph.describe import describe, rebuild, state_tensors
+from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
+from morphcli.io.checkpoint import Checkpoint, torch_runner
+
+PT2_EXTRA = "morphcli.architecture.json"
+ONNX_METADATA = "morphcli.architecture"
+ONNX_OPSET = 18
+
+
+class ExportError(InputError):
+    """torch.export or the ONNX exporter cannot handle the model."""
+
+
+# ---------------------------------------------------------------- .pt2
+
+
+def write_pt2(gm: fx.GraphModule, dest: Path) -> None:
+    program = _export_program(gm)
+    torch.export.save(program, str(dest), extra_files={PT2_EXTRA: json.dumps(describe(gm))})
+
+
+def read_pt2(source: str, data: Path | io.BytesIO) -> Checkpoint:
+    extra = {PT2_EXTRA: ""}
+    try:
+        with _quiet():
+            program = torch.export.load(data if isinstance(data, io.BytesIO) else str(data),
+                                        extra_files=extra)
+    except Exception as e:
+        raise InputError(f"{source}: cannot read as a torch.export program: {_reason(e)}") from e
+    if extra[PT2_EXTRA]:
+        try:
+            desc = json.loads(extra[PT2_EXTRA])
+        except ValueError as e:
+            raise InputError(f"{source}: damaged architecture description in .pt2") from e
+        tensors = {**program.state_dict, **program.constants}
+        needed = _needed_keys(desc, tensors)
+        return Checkpoint(source, graph_module=rebuild(desc, needed), kind="morphcli .pt2")
+    module = program.module()
+    return Checkpoint(source, runner=torch_runner(module), kind="torch.export program",
+                      inputs=_pt2_inputs(program))
+
+
+def _needed_keys(desc: Any, tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+
+def _export_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
+    specs = _specs(gm)
+    args = example_inputs(specs, batch_size=2, seed=0)
+    dynamic = tuple({0: torch.export.Dim.AUTO} if s.shape else None for s in specs)
+    try:
+        with _quiet():
+            return torch.export.export(gm, args, dynamic_shapes=dynamic)
+    except Exception as e:
+        raise ExportError(f"torch.export cannot export the model: {_reason(e)}") from e
+
+
+def _pt2_inputs(program: torch.export.ExportedProgram) -> tuple[InputSpec, ...] | None:
+    specs = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if val is None:
+                return None
+            shape = tuple(int(d) if isinstance(d, int) else 1 for d in val.shape)
+            specs.append(InputSpec(shape, str(val.dtype).removeprefix("torch.")))
+    return tuple(specs)
+
+
+# ---------------------------------------------------------------- .onnx
+
+
+def write_onnx(gm: fx.GraphModule, dest: Path) -> None:
+    """Export (torch.export-based exporter, then the TorchScript one as a fallback), add the
+    description as metadata, validate with onnx.checker and run it through onnxruntime."""
+    import onnx
+
+    specs = _specs(gm)
+    args = example_inputs(specs, batch_size=2, seed=0)
+    proto = _onnx_proto(gm, args, specs)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA, json.dumps(describe(gm))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {_reason(e)}") from e
+    onnx.save_model(proto, str(dest))
+
+
+def _onnx_proto(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], specs: Sequence[InputSpec]):
+    import onnx
+
+    errors = []
+    names = [f"input_{i}" for i in range(len(specs))]
+    try:
+        dynamic = tuple({0: torch.export.Dim("batch", min=1)} if s.shape else None for s in specs)
+        with _quiet():
+            program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=dynamic,
+                                        input_names=names, opset_version=ONNX_OPSET,
+                                        external_data=False, verbose=False)
+        return program.model_proto
+    except Exception as e:
+        errors.append(f"torch.export-based exporter: {_reason(e)}")
+    try:
+        buf = io.BytesIO()
+        with _quiet():
+            torch.onnx.export(gm, args, buf, dynamo=False, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n, s in zip(names, specs) if s.shape},
+                              opset_version=ONNX_OPSET)
+        return onnx.load_model_from_string(buf.getvalue())
+    except Exception as e:
+        errors.append(f"TorchScript exporter: {_reason(e)}")
+    raise ExportError("cannot export to ONNX: " + "; ".join(errors))
+
+
+def read_onnx(source: str, data: Path | bytes) -> Checkpoint:
+    import onnx
+
+    try:
+        proto = onnx.load_model_from_string(data) if isinstance(data, bytes) else onnx.load(str(data))
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise InputError(f"{source}: not a valid ONNX model: {_reason(e)}") from e
+    specs = _onnx_inputs(proto)
+    return Checkpoint(source, runner=_onnx_runner(proto), inputs=specs, kind="ONNX model")
+
+
+def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
+    stored = {p.key: p.value for p in proto.metadata_props}.get(ONNX_METADATA)
+    if stored:
+        try:
+            inputs = json.loads(stored).get("inputs")
+            if inputs:
+                return tuple(InputSpec.from_json(s) for s in inputs)
+        except (ValueError, AttributeError, KeyError, TypeError):
+            pass
+    from onnx import TensorProto
+
+    initializers = {i.name for i in proto.graph.initializer}
+    specs = []
+    for inp in proto.graph.input:
+        if inp.name in initializers:
+            continue
+        t = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        if any(d <= 0 for d in dims[1:]):
+            return None
+        dims = [max(d, 1) for d in dims]
+        dtype = "int64" if t.elem_type == TensorProto.INT64 else "float32"
+        specs.append(InputSpec(tuple(dims), dtype, 2 if dtype == "int64" else None))
+    return tuple(specs)
+
+
+def _onnx_runner(proto: Any):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+    return run
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _specs(gm: fx.GraphModule) -> tuple[InputSpec, ...]:
+    specs = gm.meta.get(INPUTS_META)
+    if not specs:
+        raise InputError("the model has no input shape; pass --input-shape")
+    return specs
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Exporters print progress on stdout and warnings on stderr; keep stdout clean for pipes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = os.dup(1)
+        try:
+            sys.stdout.flush()
+            os.dup2(2, 1)
+            with contextlib.redirect_stdout(sys.stderr), _silence_stderr():
+                yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _silence_stderr() -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reason(e: Exception) -> str:
+    text = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def pt2_runner(path: Path) -> Any:
+    """Run a .pt2 file as plain torch would: ``torch.export.load(p).module()``."""
+    from morphcli.io.checkpoint import torch_runner
+
+    with _quiet():
+        return torch_runner(torch.export.load(str(path)).module())

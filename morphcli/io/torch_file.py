@@ -1,0 +1,150 @@
+"""``.pt`` / ``.pth``: morphcli archives, whole pickled models and state_dicts.
+
+Everything goes through torch's weights-only unpickler with an allowlist of layer classes;
+only ``trust=True`` falls back to a full unpickle, which can run code from the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from morphcli.errors import InputError, UnsafeCheckpointError
+from morphcli.graph import allowlist
+from morphcli.graph.describe import describe, rebuild, state_tensors
+from morphcli.io.checkpoint import Checkpoint
+
+ARCHIVE_FORMAT = "morphcli.archive"
+
+
+@functools.cache
+def _safe_globals() -> list[Any]:
+    """Classes a whole pickled model may name: torch.nn layers, morphcli's, and their parts."""
+    extra: list[Any] = [torch.nn.Parameter, torch.Size, set, frozenset, torch.device]
+    return [*allowlist.module_types().values(), *extra]
+
+
+def read_torch(source: str, data: BinaryIO | Path, trust: bool) -> Checkpoint:
+    """Read any torch.save file: our archive, a pickled nn.Module or a state_dict."""
+    obj = _torch_load(source, data, trust)
+    if isinstance(obj, dict) and obj.get("format") == ARCHIVE_FORMAT:
+        return _from_archive(source, obj)
+    if isinstance(obj, fx.GraphModule):
+        return Checkpoint(source, module=obj, kind="pickled GraphModule")
+    if isinstance(obj, nn.Module):
+        return Checkpoint(source, module=obj, kind="pickled model")
+    state = _state_dict_in(obj)
+    if state is not None:
+        return Checkpoint(source, state_dict=state, kind="state_dict")
+    raise InputError(
+        f"{source}: holds a {type(obj).__name__}, not a model, a state_dict or a morphcli archive"
+    )
+
+
+def write_archive(gm: fx.GraphModule, dest: BinaryIO | Path) -> None:
+    """A torch.save zip of plain data: the JSON description and the tensors (no pickled code)."""
+    payload = {
+        "format": ARCHIVE_FORMAT,
+        "architecture": json.dumps(describe(gm), sort_keys=True),
+        "tensors": state_tensors(gm),
+    }
+    if isinstance(dest, Path):
+        # Through a file object, the zip's root folder is always "archive", not the (temporary)
+        # file's name, so the same model gives byte-identical files.
+        with dest.open("wb") as f:
+            torch.save(payload, f)
+    else:
+        torch.save(payload, dest)
+
+
+def _from_archive(source: str, obj: dict) -> Checkpoint:
+    text, tensors = obj.get("architecture"), obj.get("tensors")
+    if not isinstance(text, str) or not isinstance(tensors, dict):
+        raise InputError(f"{source}: damaged morphcli archive (architecture or tensors missing)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise InputError(f"{source}: damaged morphcli archive (tensors malformed)")
+    try:
+        desc = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{source}: damaged morphcli archive (description is not JSON)") from e
+    gm = rebuild(desc, tensors)
+    return Checkpoint(source, graph_module=gm, kind="morphcli archive")
+
+
+def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and _all_tensors(inner):
+                return dict(inner)
+        if obj and _all_tensors(obj):
+            return dict(obj)
+    return None
+
+
+def _all_tensors(d: dict) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def _torch_load(source: str, data: BinaryIO | Path, trust: bool) -> Any:
+    if trust:
+        try:
+            return torch.load(data, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise InputError(f"{source}: cannot read as a PyTorch checkpoint: {_reason(e)}") from e
+    mmap = isinstance(data, Path) and zipfile.is_zipfile(data)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(data, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(data, e)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{source}: refused to load: the file needs code that is not allowlisted "
+                f"({', '.join(unsafe)}); loading it could run that code. Pass --trust only if "
+                "you trust where the file came from, or save a state_dict and use --arch"
+            ) from e
+        raise InputError(f"{source}: cannot read as a PyTorch checkpoint: {_reason(e)}") from e
+    except Exception as e:
+        raise InputError(f"{source}: cannot read as a PyTorch checkpoint: {_reason(e)}") from e
+
+
+_GLOBAL_IN_MESSAGE = re.compile(r"(?:GLOBAL|global) ([\w.]+)")
+
+
+def _unsafe_globals(data: BinaryIO | Path, e: Exception) -> list[str]:
+    """Names of the non-allowlisted globals the file refers to (all of them, where torch can)."""
+    names: list[str] = []
+    try:
+        if isinstance(data, Path):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(data))
+        else:
+            data.seek(0)
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(data)  # type: ignore[arg-type]
+    except Exception:
+        names = []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals() if hasattr(g, "__qualname__")}
+    names = [n for n in names if n not in allowed]
+    if not names:
+        names = _GLOBAL_IN_MESSAGE.findall(str(e))
+    return sorted(dict.fromkeys(names))
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    return first[:300]
+
+
+def from_bytes(source: str, raw: bytes, trust: bool) -> Checkpoint:
+    return read_torch(source, io.BytesIO(raw), trust)

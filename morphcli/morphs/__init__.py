@@ -1,0 +1,1 @@
+"""Function-preserving morphs: deepen, widen, swap."""
