@@ -22,6 +22,10 @@ _LAZY = {
     "check": "morphcli.check.api",
     "CheckReport": "morphcli.check.report",
     "MorphError": "morphcli.errors",
+    "deepen": "morphcli.morphs.deepen",
+    "widen": "morphcli.morphs.widen",
+    "swap": "morphcli.morphs.swap",
+    "MorphResult": "morphcli.morphs.result",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,124 @@
+"""The flow every morph command shares: load, morph, check, report, write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from morphcli.cli.console import err, info, print_json
+from morphcli.cli.loading import LoadOptions
+from morphcli.errors import EXIT_NOT_EQUIVALENT, InputError
+
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", help="Output file; the suffix picks the format (.pt, .safetensors, .pt2, "
+    ".onnx); '-' writes a .pt archive to stdout. Default: MODEL.MORPH.pt beside the input, "
+    "never overwriting a file (stdout when MODEL is '-').", show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Write the result even if the check fails.",
+                                     rich_help_panel="Checking")]
+NoCheck = Annotated[bool, typer.Option("--no-check", help="Skip the equivalence check.",
+                                       rich_help_panel="Checking")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
+
+
+def run_morph_command(
+    *,
+    kind: str,
+    model: str,
+    morph: Any,
+    options: Any,
+    loading: LoadOptions,
+    output: str | None,
+    check: Any,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Shared body of ``deepen``, ``widen`` and ``swap`` (call inside ``handled``)."""
+    from morphcli.morphs.runner import apply_morph
+    from morphcli.writing import write_verified
+
+    gm = loading.load(model)
+    dest = output or default_output(model, kind)
+    if not dry_run and dest != "-":
+        from morphcli.io.atomic import check_output_path
+
+        check_output_path(Path(dest), (Path(model),) if model != "-" else ())
+    new, result = apply_morph(morph, gm, options, check)
+    doc: dict[str, Any] = {"plan": result.to_json(), "output": None}
+    if dry_run:
+        _report(result, quiet or as_json, plan_only=True)
+        if as_json:
+            print_json(doc)
+        return
+    _report(result, quiet or as_json)
+    failed = result.check is not None and not result.check.equivalent
+    if failed and not force:
+        if as_json:
+            print_json(doc)
+        err.print("error: the morphed model is not equivalent to the original; nothing was "
+                  "written (widen --atol or pass --force to write it anyway)", markup=False)
+        raise typer.Exit(EXIT_NOT_EQUIVALENT)
+    written = write_verified(new, dest, source=model)
+    doc["output"] = written["output"]
+    doc["export_check"] = written["check"]
+    if as_json:
+        print_json(doc)
+    elif dest != "-":
+        info(f"wrote {written['output']}", quiet)
+    if failed:
+        raise typer.Exit(EXIT_NOT_EQUIVALENT)
+
+
+def default_output(model: str, kind: str) -> str:
+    """``cnn.pt`` -> ``cnn.deepen.pt``, or ``cnn.deepen.2.pt`` if that exists; stdin -> stdout."""
+    if model == "-":
+        return "-"
+    src = Path(model)
+    stem = src.name[: -len(src.suffix)] if src.suffix else src.name
+    suffix = src.suffix if src.suffix in (".pt", ".pth", ".safetensors", ".pt2") else ".pt"
+    candidate = src.with_name(f"{stem}.{kind}{suffix}")
+    i = 2
+    while candidate.exists():
+        candidate = src.with_name(f"{stem}.{kind}.{i}{suffix}")
+        i += 1
+    return str(candidate)
+
+
+def _report(result: Any, quiet: bool, plan_only: bool = False) -> None:
+    if quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result.morph} {result.target}" + (" (dry run)" if plan_only else ""))
+    for col in ("change", "name", "old", "new", "note"):
+        table.add_column(col, overflow="fold")
+    for c in result.changes:
+        table.add_row(c.action, c.name, _fmt(c.old), _fmt(c.new), c.note)
+    err.print(table)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    if not result.exact:
+        err.print("approximate morph: the function changes by the measured difference below",
+                  markup=False)
+    if result.check is not None:
+        err.print(f"check: {result.check.summary()}", markup=False, highlight=False)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return "(" + ",".join(str(x) for x in v) + ")"
+    return str(v)
+
+
+def check_options(no_check: bool, samples: int, batch_size: int, seed: int, atol: float,
+                  rtol: float) -> Any:
+    from morphcli.morphs.runner import CheckOptions
+
+    if samples < 1 or batch_size < 1:
+        raise InputError("--samples and --batch-size must be at least 1")
+    return CheckOptions(not no_check, samples, batch_size, seed, atol, rtol)

@@ -1,0 +1,62 @@
+"""Apply a morph and prove it: the original model is run beside the morphed one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from morphcli.check.compare import compare
+from morphcli.check.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.errors import InputError
+from morphcli.graph.inputs import INPUTS_META
+from morphcli.io.checkpoint import torch_runner
+from morphcli.morphs.result import MorphResult
+
+# A morph proper: (model, options) -> (new model sharing unchanged layers, result record).
+MorphFn = Callable[[fx.GraphModule, Any], "tuple[fx.GraphModule, MorphResult]"]
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    enabled: bool = True
+    samples: int = DEFAULT_SAMPLES
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+
+
+def apply_morph(
+    morph: MorphFn, gm: fx.GraphModule, options: Any, check: CheckOptions = CheckOptions()
+) -> tuple[fx.GraphModule, MorphResult]:
+    """Run ``morph`` on ``gm`` (left unchanged) and, unless disabled, check the result against
+    it. The verdict is in ``result.check``; deciding what to do about it is the caller's."""
+    new, result = morph(gm, options)
+    if check.enabled:
+        specs = gm.meta.get(INPUTS_META)
+        if not specs:
+            raise InputError("the model has no input shape to check with; pass --input-shape")
+        result.check = compare(torch_runner(gm), torch_runner(new), specs,
+                               samples=check.samples, batch_size=check.batch_size,
+                               seed=check.seed, atol=check.atol, rtol=check.rtol)
+    return new, result
+
+
+def as_graph_module(model: nn.Module | str | Path,
+                    input_shapes: Sequence[tuple[int, ...]] | None = None) -> fx.GraphModule:
+    """The Python API accepts a path, a traced model or any nn.Module (traced here)."""
+    from morphcli.io.api import load, to_graph_module
+    from morphcli.io.checkpoint import Checkpoint
+
+    if isinstance(model, (str, Path)):
+        return load(model, input_shapes=input_shapes)
+    if isinstance(model, fx.GraphModule) and model.meta.get(INPUTS_META) and not input_shapes:
+        return model
+    return to_graph_module(Checkpoint("model", module=model) if not isinstance(
+        model, fx.GraphModule) else Checkpoint("model", graph_module=model),
+        input_shapes=input_shapes)

@@ -1,0 +1,1 @@
+"""Per-layer-type rules for every morph, in one registry (see ``registry``)."""
