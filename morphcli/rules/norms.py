@@ -1,1 +1,93 @@
-"""Placeholder: rules are added here."""
+"""Channelwise rules: layers whose per-channel parameters and statistics follow a channel map."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from morphcli.rules.channel_map import ChannelMap, follow, set_buffer, set_param, shallow_copy
+from morphcli.rules.registry import register
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@register("channelwise", *_BN)
+class NormRule:
+    """BatchNorm/InstanceNorm normalise each channel alone: parameters and running statistics
+    are indexed by the map, so copied channels are normalised exactly like their source."""
+
+    @staticmethod
+    def channel_dim(m: nn.Module, rank: int) -> int:
+        return 1
+
+    @staticmethod
+    def why_not(m: nn.Module) -> str | None:
+        return None
+
+    @staticmethod
+    def applies(m: nn.Module) -> bool:
+        return True
+
+    @staticmethod
+    def resize(m: nn.Module, cmap: ChannelMap, ctx: object) -> nn.Module:
+        new = shallow_copy(m)
+        for name in ("weight", "bias"):
+            if m._parameters.get(name) is not None:
+                set_param(new, name, follow(m._parameters[name], 0, cmap))
+        for name in ("running_mean", "running_var"):
+            if m._buffers.get(name) is not None:
+                set_buffer(new, name, follow(m._buffers[name], 0, cmap))
+        new.num_features = cmap.width
+        return new
+
+
+@register("channelwise", nn.GroupNorm)
+class GroupNormRule:
+    """Only GroupNorm with one channel per group is channelwise; otherwise new channels would
+    join a group's statistics and change them."""
+
+    @staticmethod
+    def channel_dim(m: nn.Module, rank: int) -> int:
+        return 1
+
+    @staticmethod
+    def applies(m: nn.Module) -> bool:
+        return m.num_groups == m.num_channels
+
+    @staticmethod
+    def why_not(m: nn.Module) -> str | None:
+        if m.num_groups != m.num_channels:
+            return (f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} "
+                    "channels: new channels would change the group statistics")
+        return None
+
+    @staticmethod
+    def resize(m: nn.GroupNorm, cmap: ChannelMap, ctx: object) -> nn.Module:
+        new = shallow_copy(m)
+        if m.affine:
+            set_param(new, "weight", follow(m.weight, 0, cmap))
+            set_param(new, "bias", follow(m.bias, 0, cmap))
+        new.num_groups = new.num_channels = cmap.width
+        return new
+
+
+@register("channelwise", nn.PReLU)
+class PReLURule:
+    @staticmethod
+    def channel_dim(m: nn.Module, rank: int) -> int:
+        return 1
+
+    @staticmethod
+    def applies(m: nn.Module) -> bool:
+        return m.num_parameters > 1
+
+    @staticmethod
+    def why_not(m: nn.Module) -> str | None:
+        return None
+
+    @staticmethod
+    def resize(m: nn.PReLU, cmap: ChannelMap, ctx: object) -> nn.Module:
+        new = shallow_copy(m)
+        set_param(new, "weight", follow(m.weight, 0, cmap))
+        new.num_parameters = cmap.width
+        return new

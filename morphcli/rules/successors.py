@@ -1,1 +1,120 @@
-"""Placeholder: rules are added here."""
+"""Successor layers for ``deepen``: identity (Net2DeeperNet) and decomposition (NetMorph).
+
+``identity`` rules are keyed by the type of layer to build (Linear, Conv1d/2d/3d) and return a
+new layer that maps its input to itself. ``decompose`` rules are keyed by the type of the layer
+being deepened: they return that layer re-expressed (a new object) and a successor whose
+composition equals the original layer.
+
+Decomposition: with a random orthogonal Q, the re-expressed layer computes ``Q^T (W x + b)`` and
+the successor multiplies by Q, so the pair computes ``W x + b`` up to round-off. For convolutions
+the successor is a k x k convolution holding Q at the centre tap and zeros elsewhere: a dense
+k x k successor cannot be undone by re-expressing the layer before it in general, while a
+centred channel mixing can. It is dense across channels, the NetMorph-style decomposition, and
+training can grow the outer taps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from morphcli.errors import UnsupportedMorphError
+from morphcli.rules.registry import register
+
+_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def conv_type(spatial_dims: int) -> type[nn.Module] | None:
+    return _CONVS.get(spatial_dims)
+
+
+@register("identity", nn.Linear)
+def identity_linear(cls: type[nn.Module], features: int, kernel: int,
+                    dtype: torch.dtype) -> nn.Module:
+    """``Linear(F, F)`` with weight I and bias 0 (``kernel`` does not apply)."""
+    layer = nn.Linear(features, features, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(features, dtype=dtype))
+        layer.bias.zero_()
+    return layer
+
+
+@register("identity", nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def identity_conv(cls: type[nn.Module], channels: int, kernel: int,
+                  dtype: torch.dtype) -> nn.Module:
+    """A stride-1, same-padded ``kernel``-wide convolution whose centre tap is I."""
+    layer = _centred_conv(cls, channels, kernel, dtype)
+    with torch.no_grad():
+        _centre(layer.weight).copy_(torch.eye(channels, dtype=dtype))
+    return layer
+
+
+@register("decompose", nn.Linear)
+def decompose_linear(layer: nn.Module, kernel: int,
+                     generator: torch.Generator) -> tuple[nn.Module, nn.Module]:
+    """``(Q^T-re-expressed copy of layer, Linear with weight Q)``."""
+    assert isinstance(layer, nn.Linear)
+    q = orthogonal(layer.out_features, generator)
+    head = _re_expressed(layer, q)
+    tail = nn.Linear(layer.out_features, layer.out_features, dtype=layer.weight.dtype,
+                     device=layer.weight.device)
+    with torch.no_grad():
+        tail.weight.copy_(q.to(tail.weight.dtype))
+        tail.bias.zero_()
+    return head, tail
+
+
+@register("decompose", nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def decompose_conv(layer: nn.Module, kernel: int,
+                   generator: torch.Generator) -> tuple[nn.Module, nn.Module]:
+    """``(re-expressed copy, kernel-wide conv with Q at the centre tap)``.
+
+    A grouped layer's output channels may only mix within their group, so Q is block-diagonal
+    there; a depthwise layer (one channel per group) has nothing to mix and is refused.
+    """
+    assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    out, groups = layer.out_channels, layer.groups
+    per_group = out // groups
+    if per_group == 1:
+        raise UnsupportedMorphError(
+            f"--init decompose mixes output channels within a group, and this {type(layer).__name__}"
+            f" has one output channel per group (groups={groups}); use --init identity")
+    q = torch.block_diag(*(orthogonal(per_group, generator) for _ in range(groups)))
+    head = _re_expressed(layer, q)
+    tail = _centred_conv(type(layer), out, kernel, layer.weight.dtype)
+    with torch.no_grad():
+        _centre(tail.weight).copy_(q.to(tail.weight.dtype))
+    return head, tail.to(layer.weight.device)
+
+
+def orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random orthogonal n x n matrix (float64), Haar-distributed: QR with R's signs fixed."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+
+
+def _re_expressed(layer: nn.Module, q: torch.Tensor) -> nn.Module:
+    """A new copy of ``layer`` computing ``Q^T (W x + b)`` (float64 maths, stored in place dtype)."""
+    import copy
+
+    new = copy.deepcopy(layer)
+    w = layer.weight.detach().double()
+    with torch.no_grad():
+        new.weight.copy_(torch.einsum("jo,j...->o...", q, w).to(new.weight.dtype))
+        if getattr(layer, "bias", None) is not None:
+            new.bias.copy_((q.T @ layer.bias.detach().double()).to(new.bias.dtype))
+    return new
+
+
+def _centred_conv(cls: type[nn.Module], channels: int, kernel: int,
+                  dtype: torch.dtype) -> nn.Module:
+    layer = cls(channels, channels, kernel, padding=kernel // 2, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    return layer
+
+
+def _centre(weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) slice of a conv weight at the centre tap of every spatial dimension."""
+    return weight[(slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))]

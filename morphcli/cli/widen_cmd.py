@@ -1,0 +1,64 @@
+"""``morph widen MODEL LAYER (--to N | --by N | --factor F)``: more units, same function."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from morphcli.check.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.cli import morph_common as mc
+from morphcli.cli import options as o
+from morphcli.cli.console import handled
+from morphcli.cli.loading import LoadOptions
+
+Layer = Annotated[str, typer.Argument(help="The layer to widen (Linear, Conv, ConvTranspose, "
+                                      "Embedding), as 'morph inspect' names it.", show_default=False)]
+
+
+def widen(
+    model: o.ModelArg,
+    layer: Layer,
+    to: Annotated[Optional[int], typer.Option("--to", help="New number of units.")] = None,
+    by: Annotated[Optional[int], typer.Option("--by", help="Units to add.")] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the width.")] = None,
+    init: Annotated[str, typer.Option(
+        "--init", help="zero: new units get random inputs and zero outgoing weights (Network "
+        "Morphism); copy: new units copy existing ones and consumers divide (Net2WiderNet).")] = "zero",
+    noise: Annotated[float, typer.Option("--noise", help="Symmetry-breaking noise (std) on the "
+                                         "new units' weights only; makes the morph approximate.",
+                                         min=0.0)] = 0.0,
+    kernel: Annotated[Optional[int], typer.Option(
+        "--kernel", help="Also grow this convolution's kernel to K (zero-padded, padding "
+        "adjusted).")] = None,
+    output: mc.OutputOpt = None,
+    force: mc.Force = False,
+    no_check: mc.NoCheck = False,
+    dry_run: mc.DryRun = False,
+    samples: o.Samples = DEFAULT_SAMPLES,
+    batch_size: o.BatchSize = DEFAULT_BATCH_SIZE,
+    seed: o.Seed = 0,
+    atol: o.Atol = DEFAULT_ATOL,
+    rtol: o.Rtol = DEFAULT_RTOL,
+    arch: o.Arch = None,
+    arch_kwargs: o.ArchKwargs = None,
+    trust: o.Trust = False,
+    input_shape: o.InputShape = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    debug: o.Debug = False,
+) -> None:
+    """Give LAYER more output units and update every layer they reach, keeping the function."""
+    with handled(debug):
+        from morphcli.morphs.widen import WidenOptions, widen_graph
+
+        mc.run_morph_command(
+            kind="widen", model=model, morph=widen_graph,
+            options=WidenOptions(layer, to, by, factor, init, noise, kernel, seed),
+            loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape), output=output,
+            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol),
+            force=force, dry_run=dry_run, as_json=as_json, quiet=quiet)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("widen")(widen)

@@ -1,0 +1,502 @@
+"""Coupling analysis for widening: which layers must change together, and with which maps.
+
+Starting from the widened layer's output, the walk follows the widened axis forward to every
+consumer and backward to every other producer that must share the same units (residual adds,
+channel-wise gates). Tensors that must hold the same units form a group with one map; a
+concatenation or a flatten starts a new group whose map is derived from its inputs' maps.
+Whatever the walk cannot map exactly is refused, naming the op.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn import functional as F
+
+from morphcli.errors import UnsupportedMorphError
+from morphcli.graph.edit import tensor_shape
+from morphcli.rules import registry
+from morphcli.rules.channel_map import ChannelMap
+
+# Ops that act elementwise (with broadcasting) on all their tensor arguments.
+_ELEMENTWISE_FUNCS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, operator.neg, operator.pos,
+    torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh,
+    torch.clamp, torch.neg, torch.abs, torch.where,
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
+    F.selu, F.celu, F.softplus, F.hardtanh, F.dropout, F.sigmoid, F.tanh, F.prelu,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clamp", "contiguous", "clone",
+    "float", "to", "type_as", "neg", "abs", "exp", "add_", "mul_", "relu_", "sigmoid_",
+    "detach", "__add__", "__mul__", "__sub__",
+}
+_SPATIAL_FUNCS: set[Any] = {
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.interpolate, F.pad,
+}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+_SHAPE_METHODS = {"size", "dim"}
+
+
+@dataclass
+class Group:
+    """Tensors that must carry the same units. ``source`` defines their map: the widened
+    layer (None) or a concat/flatten node whose map derives from its inputs."""
+
+    source: fx.Node | None
+    cmap: ChannelMap | None = None
+
+
+@dataclass
+class Plan:
+    """Everything a widen changes: tensor groups and the layers touched."""
+
+    tensors: dict[fx.Node, tuple[int, Group]] = field(default_factory=dict)
+    producers: list[fx.Node] = field(default_factory=list)  # outputs grow
+    consumers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (layer, input)
+    channelwise: list[fx.Node] = field(default_factory=list)
+    derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
+    rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
+
+    def map_of(self, node: fx.Node) -> ChannelMap:
+        cmap = self.tensors[node][1].cmap
+        assert cmap is not None
+        return cmap
+
+
+def analyse(gm: fx.GraphModule, target: fx.Node) -> Plan:
+    """The coupling plan for widening ``target``'s output (maps filled by ``assign_maps``)."""
+    walker = _Walker(gm, target)
+    walker.run()
+    return walker.plan
+
+
+class _Walker:
+    def __init__(self, gm: fx.GraphModule, target: fx.Node) -> None:
+        self.gm = gm
+        self.target = target
+        self.plan = Plan()
+        self.queue: list[fx.Node] = []
+        self.sites = _call_sites(gm)
+
+    # -- bookkeeping
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(str(node.target))
+
+    def join(self, node: fx.Node, dim: int, group: Group) -> None:
+        """``node`` carries ``group``'s units on ``dim``; merge groups if it already had one."""
+        shape = tensor_shape(node)
+        if shape is None:
+            self.refuse(node, "its shape is unknown")
+        dim = dim % len(shape)
+        if node in self.plan.tensors:
+            old_dim, old_group = self.plan.tensors[node]
+            if old_dim != dim:
+                self.refuse(node, "the widened units would sit on two different axes")
+            if old_group is not group:
+                self.merge(old_group, group, node)
+            return
+        self.plan.tensors[node] = (dim, group)
+        self.queue.append(node)
+
+    def merge(self, keep: Group, drop: Group, where: fx.Node) -> None:
+        # Each group has its own layout source (the widened layer, a concat or a flatten);
+        # two of them meeting at one tensor cannot both hold.
+        self.refuse(where, "two differently laid out sets of units meet here")
+
+    def refuse(self, node: fx.Node, why: str) -> Any:
+        op = node.op
+        what = (f"{node.target} ({type(self.module(node)).__name__})" if op == "call_module"
+                else _op_name(node))
+        raise UnsupportedMorphError(f"cannot widen: the widened units reach {what} at node "
+                                    f"{node.name!r}, and {why}")
+
+    # -- the walk
+
+    def run(self) -> None:
+        root = Group(None)
+        mod = self.module(self.target)
+        rule = registry.lookup("widen_out", mod)
+        shape = tensor_shape(self.target)
+        if rule is None or shape is None:
+            raise UnsupportedMorphError(
+                f"{self.target.target} is a {type(mod).__name__}; widen applies to "
+                f"{', '.join(registry.supported('widen_out'))}")
+        self.join(self.target, rule.out_dim(mod, len(shape)), root)
+        while self.queue:
+            node = self.queue.pop(0)
+            self.backward(node)
+            for user in list(node.users):
+                self.forward(node, user)
+
+    def backward(self, node: fx.Node) -> None:
+        """How ``node`` is produced decides what else must carry its units."""
+        dim, group = self.plan.tensors[node]
+        if node is group.source:
+            return  # derived: its map comes from its inputs
+        if node.op == "call_module":
+            m = self.module(node)
+            rule = registry.lookup("widen_out", m)
+            if rule is not None and registry.lookup("channelwise", m) is not None and \
+                    registry.lookup("channelwise", m).applies(m):
+                rule = None  # a depthwise conv is channelwise, not a producer
+            if rule is not None:
+                rank = len(tensor_shape(node) or ())
+                if rule.out_dim(m, rank) == dim:
+                    why = rule.why_not_out(m)
+                    if why:
+                        self.refuse(node, why)
+                    self.shared_check(node)
+                    if node not in self.plan.producers:
+                        self.plan.producers.append(node)
+                    return
+                if isinstance(m, nn.Linear):  # units on a leading axis pass through a Linear
+                    self.join(node.args[0], dim, group)
+                    return
+            cw = registry.lookup("channelwise", m)
+            if cw is not None and cw.applies(m):
+                self.add_channelwise(node, m, cw, dim)
+                self.join(node.args[0], dim, group)
+                return
+            pt = registry.lookup("passthrough", m)
+            if pt is not None and pt.keeps(m, dim, len(tensor_shape(node) or ())):
+                self.join(node.args[0], dim, group)
+                return
+            self.refuse(node, "its output cannot be widened")
+        if self.is_elementwise(node):
+            self.join_operands(node, dim, group)
+            return
+        if node.op in ("call_function", "call_method"):
+            moved = self.axis_through(node, dim, backward=True)
+            if moved is not None:
+                self.join(node.args[0], moved, group)
+                return
+        if node.op == "placeholder":
+            self.refuse(node, "it is a model input, whose shape cannot change")
+        self.refuse(node, "morphcli cannot widen the tensor it produces")
+
+    def forward(self, node: fx.Node, user: fx.Node) -> None:
+        """What ``user`` does with the widened ``node``."""
+        dim, group = self.plan.tensors[node]
+        rank = len(tensor_shape(node) or ())
+        if user.op == "output":
+            raise UnsupportedMorphError(
+                "cannot widen: the widened units reach the model's output (node "
+                f"{node.name!r}), which would change the output shape")
+        if user.op == "call_module":
+            m = self.module(user)
+            cw = registry.lookup("channelwise", m)
+            if cw is not None and cw.applies(m):
+                if cw.channel_dim(m, rank) != dim:
+                    self.refuse(user, "it is channelwise on another axis")
+                self.add_channelwise(user, m, cw, dim)
+                self.join(user, dim, group)
+                return
+            rule = registry.lookup("widen_in", m)
+            if rule is not None and user.args and user.args[0] is node:
+                if rule.in_dim(m, rank) == dim:
+                    why = rule.why_not_in(m)
+                    if why:
+                        self.refuse(user, why)
+                    self.shared_check(user)
+                    if (user, node) not in self.plan.consumers:
+                        self.plan.consumers.append((user, node))
+                    return
+                if isinstance(m, nn.Linear):
+                    self.join(user, dim, group)
+                    return
+            if isinstance(m, nn.Flatten):
+                self.flatten(node, user, dim, m.start_dim, m.end_dim)
+                return
+            pt = registry.lookup("passthrough", m)
+            if pt is not None and pt.keeps(m, dim, rank):
+                self.join(user, dim, group)
+                return
+            if isinstance(m, nn.LayerNorm):
+                self.refuse(user, "LayerNorm normalises over the widened units, so new units "
+                            "would change every unit's statistics")
+            self.refuse(user, "morphcli has no rule to follow the widened units through it")
+        if self.is_elementwise(user):
+            self.join(user, dim + (len(tensor_shape(user) or ()) - rank), group)
+            self.join_operands(user, self.plan.tensors[user][0], self.plan.tensors[user][1])
+            return
+        self.through_op(node, user, dim, rank, group)
+
+    # -- functional ops
+
+    def is_elementwise(self, node: fx.Node) -> bool:
+        if node.op == "call_function":
+            return node.target in _ELEMENTWISE_FUNCS
+        return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+
+    def join_operands(self, node: fx.Node, dim: int, group: Group) -> None:
+        """Every full-size operand of an elementwise op must carry the same units."""
+        out_rank = len(tensor_shape(node) or ())
+        old = _old_width(self, group, node)
+        for arg in node.all_input_nodes:
+            shape = tensor_shape(arg)
+            if shape is None:
+                continue
+            d = dim - (out_rank - len(shape))
+            if d < 0 or shape[d] == 1:
+                continue  # broadcast along the widened axis: the same value for every unit
+            if old is not None and shape[d] != old:
+                self.refuse(node, f"operand {arg.name!r} has {shape[d]} units, not {old}")
+            self.join(arg, d, group)
+
+    def through_op(self, node: fx.Node, user: fx.Node, dim: int, rank: int, group: Group) -> None:
+        target = user.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if user.op == "call_function" and target is torch.cat:
+            self.concat(node, user, dim, rank)
+            return
+        if name == "flatten" and user.args[0] is node:
+            start = _arg(user, 1, "start_dim", 0)
+            end = _arg(user, 2, "end_dim", -1)
+            self.flatten(node, user, dim, start, end)
+            return
+        if name in ("view", "reshape") and user.args[0] is node:
+            self.reshape(node, user, dim, rank)
+            return
+        if user.op == "call_function" and target in _SPATIAL_FUNCS:
+            if dim != 1 or user.args[0] is not node:
+                self.refuse(user, "it pools or resizes along the widened axis")
+            self.join(user, dim, group)
+            return
+        if user.op == "call_function" and target is F.layer_norm:
+            normalized = _arg(user, 1, "normalized_shape", ())
+            if dim >= rank - len(normalized):
+                self.refuse(user, "LayerNorm normalises over the widened units, so new units "
+                            "would change every unit's statistics")
+            self.join(user, dim, group)
+            return
+        if name in _SHAPE_METHODS or (user.op == "call_function" and target is getattr):
+            self.shape_read(user, dim)
+            return
+        moved = self.axis_through(user, dim, backward=False)
+        if moved is not None:
+            self.join(user, moved, group)
+            return
+        self.refuse(user, "morphcli has no rule to follow the widened units through it")
+
+    def axis_through(self, node: fx.Node, dim: int, backward: bool) -> int | None:
+        """Where the widened axis lands through permute/transpose/reductions/softmax/getitem
+        (or, ``backward``, where it came from); None if the op mixes or drops it."""
+        target = node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node):
+            return None
+        in_rank = len(tensor_shape(src) or ())
+        if name == "permute":
+            dims = node.args[1:] if node.op == "call_method" else node.args[1]
+            if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = dims[0]
+            dims = [d % in_rank for d in dims]
+            return dims[dim] if backward else dims.index(dim)
+        if name == "transpose":
+            a, b = (_arg(node, 1, "dim0", 0) % in_rank, _arg(node, 2, "dim1", 1) % in_rank)
+            return {a: b, b: a}.get(dim, dim)
+        if name in ("softmax", "log_softmax") and not backward:
+            return dim if _arg(node, 1, "dim", None) % in_rank != dim else None
+        if name in _REDUCTIONS and not backward:
+            dims = _arg(node, 1, "dim", None)
+            if dims is None:
+                return None
+            dims = [d % in_rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+            if dim in dims:
+                return None
+            keep = _arg(node, 2, "keepdim", False)
+            return dim if keep else dim - sum(1 for d in dims if d < dim)
+        if name == "getitem" and not backward:
+            return _index_axis(node.args[1], dim, in_rank)
+        if name in ("unsqueeze",) and not backward:
+            at = _arg(node, 1, "dim", 0) % (in_rank + 1)
+            return dim + 1 if at <= dim else dim
+        return None
+
+    def shape_read(self, user: fx.Node, dim: int) -> None:
+        """Reading sizes is fine unless the widened size itself is read."""
+        if user.op == "call_method" and user.target == "dim":
+            return
+        if user.op == "call_method" and user.target == "size" and len(user.args) > 1:
+            if user.args[1] % len(tensor_shape(user.args[0]) or (1,)) != dim:
+                return
+        if user.op == "call_function" and user.args[1] in ("ndim", "dtype", "device"):
+            return
+        for use in user.users:
+            if use.op == "call_function" and use.target is operator.getitem and \
+                    isinstance(use.args[1], int) and use.args[1] != dim:
+                continue
+            self.refuse(user, "the model reads the widened size at run time")
+
+    # -- derived layouts
+
+    def concat(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
+        axis = _arg(user, 1, "dim", 0) % rank
+        tensors = _arg(user, 0, "tensors", [])
+        if axis != dim:  # concatenated along another axis: every part carries the same units
+            group = self.plan.tensors[node][1]
+            for t in tensors:
+                self.join(t, dim, group)
+            self.join(user, dim, group)
+            return
+        if user in self.plan.derived:
+            return
+        plan = self.plan
+
+        def derive() -> ChannelMap:
+            parts = [plan.map_of(t) if t in plan.tensors else ChannelMap.identity(
+                tensor_shape(t)[dim]) for t in tensors]  # type: ignore[index]
+            out = parts[0]
+            for p in parts[1:]:
+                out = out.concat(p)
+            return out
+
+        plan.derived[user] = derive
+        self.join(user, dim, Group(user))
+
+    def flatten(self, node: fx.Node, user: fx.Node, dim: int, start: int, end: int) -> None:
+        shape = tensor_shape(node) or ()
+        rank = len(shape)
+        start, end = start % rank, end % rank
+        group = self.plan.tensors[node][1]
+        if dim < start:
+            self.join(user, dim, group)
+            return
+        if dim > end:
+            self.join(user, dim - (end - start), group)
+            return
+        if dim != start:
+            self.refuse(user, "the widened axis is not the first of the flattened ones")
+        block = math.prod(shape[start + 1 : end + 1])
+        self.derive_expand(node, user, start, block)
+
+    def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
+        """A view/reshape that merges the widened axis with the axes after it (as flatten), or
+        leaves it alone; literal sizes for the merged axis are rewritten."""
+        shape_in = tensor_shape(node) or ()
+        shape_out = tensor_shape(user) or ()
+        before = math.prod(shape_in[:dim])
+        for p in range(len(shape_out) + 1):
+            if math.prod(shape_out[:p]) == before:
+                break
+        else:
+            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
+        if p >= len(shape_out):
+            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
+        size = shape_out[p]
+        span, end = shape_in[dim], dim
+        while span < size and end + 1 < len(shape_in):
+            end += 1
+            span *= shape_in[end]
+        if span != size:
+            self.refuse(user, "it splits the widened axis")
+        self.plan.rewrites.append((user, node))
+        if end == dim:
+            self.join(user, p, self.plan.tensors[node][1])
+        else:
+            self.derive_expand(node, user, p, math.prod(shape_in[dim + 1 : end + 1]))
+
+    def derive_expand(self, node: fx.Node, user: fx.Node, out_dim: int, block: int) -> None:
+        plan = self.plan
+        if user not in plan.derived:
+            plan.derived[user] = lambda: plan.map_of(node).expand(block)
+            self.join(user, out_dim, Group(user))
+
+    # -- layers
+
+    def add_channelwise(self, node: fx.Node, m: nn.Module, rule: Any, dim: int) -> None:
+        why = rule.why_not(m)
+        if why:
+            self.refuse(node, why)
+        self.shared_check(node)
+        if node not in self.plan.channelwise:
+            self.plan.channelwise.append(node)
+
+    def shared_check(self, node: fx.Node) -> None:
+        if len(self.sites.get(str(node.target), ())) > 1:
+            self.refuse(node, f"layer {node.target} is called at {len(self.sites[str(node.target)])} "
+                        "places and widening it would change all of them")
+
+
+def assign_maps(plan: Plan, target: fx.Node, root_map: ChannelMap) -> None:
+    """Give every group its map: the root's is given; derived ones are computed from their
+    inputs once those are known."""
+    plan.tensors[target][1].cmap = root_map
+    pending = dict(plan.derived)
+    while pending:
+        progressed = False
+        for node, derive in list(pending.items()):
+            try:
+                cmap = derive()
+            except AssertionError:
+                continue  # an input's map is not known yet
+            plan.tensors[node][1].cmap = cmap
+            del pending[node]
+            progressed = True
+        if not progressed:
+            raise UnsupportedMorphError("cannot widen: the channel layouts depend on each other "
+                                        "in a cycle")
+    for node, (_, group) in plan.tensors.items():
+        if group.cmap is None:
+            raise UnsupportedMorphError(f"cannot widen: no channel layout for node {node.name!r}")
+
+
+def _old_width(walker: _Walker, group: Group, node: fx.Node) -> int | None:
+    for n, (d, g) in walker.plan.tensors.items():
+        if g is group:
+            shape = tensor_shape(n)
+            if shape is not None:
+                return shape[d]
+    return None
+
+
+def _call_sites(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    sites: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            sites.setdefault(str(n.target), []).append(n)
+    return sites
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _index_axis(index: Any, dim: int, rank: int) -> int | None:
+    """Where axis ``dim`` lands after ``x[index]``; None if the index touches it."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        pos = items.index(Ellipsis)
+        items = items[:pos] + (slice(None),) * (rank - len(items) + 1) + items[pos + 1 :]
+    out = 0
+    for axis in range(rank):
+        item = items[axis] if axis < len(items) else slice(None)
+        if axis == dim:
+            return out if item == slice(None) else None
+        if item is None:
+            out += 1
+        if isinstance(item, slice):
+            out += 1
+    return None
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return f"{node.op} {t}"
+    return getattr(t, "__name__", str(t))

@@ -1,0 +1,201 @@
+"""``widen``: give a layer more output units and update every layer its units reach.
+
+Net2WiderNet (``init="copy"``): new units copy random existing ones and consumers divide the
+copies' weights by the replication count. Network Morphism (``init="zero"``, the default): new
+units get random incoming weights at the existing scale and zero outgoing weights, which keeps
+the function exactly and lets training break the symmetry without noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from morphcli.errors import InputError, UnsupportedMorphError
+from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_shape
+from morphcli.graph.layers import find_one_layer
+from morphcli.morphs.coupling import Plan, analyse, assign_maps
+from morphcli.morphs.result import Change, MorphResult
+from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
+from morphcli.rules import registry
+from morphcli.rules.channel_map import COPY, ZERO, ChannelMap
+from morphcli.rules.linear_layers import ResizeContext, grow_kernel
+
+INITS = (ZERO, COPY)
+
+
+@dataclass(frozen=True)
+class WidenOptions:
+    layer: str
+    to: int | None = None
+    by: int | None = None
+    factor: float | None = None
+    init: str = ZERO
+    noise: float = 0.0
+    kernel: int | None = None
+    seed: int = 0
+
+
+def widen(
+    model: nn.Module | str | Path,
+    layer: str,
+    *,
+    to: int | None = None,
+    by: int | None = None,
+    factor: float | None = None,
+    init: str = ZERO,
+    noise: float = 0.0,
+    kernel: int | None = None,
+    seed: int = 0,
+    check: bool | CheckOptions = True,
+    input_shapes: Sequence[tuple[int, ...]] | None = None,
+) -> tuple[fx.GraphModule, MorphResult]:
+    """Widen ``layer`` (and everything coupled to it); returns the new model and the record.
+
+    >>> wide, result = morphcli.widen("sample_models/cnn.pt", "conv2", factor=2)
+    >>> result.check.equivalent
+    True
+    """
+    gm = as_graph_module(model, input_shapes)
+    options = WidenOptions(layer, to, by, factor, init, noise, kernel, seed)
+    checking = check if isinstance(check, CheckOptions) else CheckOptions(enabled=bool(check), seed=seed)
+    return apply_morph(widen_graph, gm, options, checking)
+
+
+def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule, MorphResult]:
+    """The morph itself: ``gm`` is left untouched; the result shares every unchanged layer."""
+    if opts.init not in INITS:
+        raise InputError(f"unknown --init {opts.init!r} for widen; choose {' or '.join(INITS)}")
+    if opts.noise < 0:
+        raise InputError("--noise must be zero or positive")
+    layer = find_one_layer(gm, opts.layer)
+    if layer.module is None:
+        raise UnsupportedMorphError(
+            f"{opts.layer} is a function call ({layer.type_name}), not a layer with weights; "
+            f"widen applies to {', '.join(registry.supported('widen_out'))}")
+    depthwise = registry.lookup("channelwise", layer.module)
+    if depthwise is not None and registry.lookup("widen_out", layer.module) is not None and \
+            depthwise.applies(layer.module):
+        raise UnsupportedMorphError(
+            f"{opts.layer} is a depthwise convolution: its channels are its input's; widen the "
+            "layer that feeds it and it grows with it")
+    new = clone_structure(gm)
+    target = next(n for n in new.graph.nodes if n.name == layer.node.name)
+    result = MorphResult("widen", layer.name, exact=opts.noise == 0)
+    sizing = [x for x in (opts.to, opts.by, opts.factor) if x is not None]
+    if len(sizing) > 1:
+        raise InputError("give only one of --to, --by and --factor")
+    if not sizing and opts.kernel is None:
+        raise InputError("say how much wider: --to N, --by N or --factor F (or --kernel K)")
+    if sizing:
+        _widen_units(new, target, opts, result)
+    if opts.kernel is not None:
+        old = new.get_submodule(str(target.target))
+        grown = grow_kernel(old, opts.kernel)
+        replace_module(new, str(target.target), grown)
+        result.changes.append(Change("resized", f"{target.target}.weight",
+                                     list(old.weight.shape), list(grown.weight.shape),
+                                     f"kernel {tuple(old.kernel_size)} -> {tuple(grown.kernel_size)}, "
+                                     f"padding {tuple(old.padding)} -> {tuple(grown.padding)}"))
+    if opts.noise:
+        result.notes.append(f"noise (std {opts.noise:g}) was added to the new units' weights only; "
+                            "the morph is approximate")
+    return finish(new), result
+
+
+def _new_width(old: int, opts: WidenOptions) -> int:
+    if opts.to is not None:
+        if opts.to <= old:
+            raise InputError(f"--to {opts.to} must be larger than the current width {old}")
+        return opts.to
+    if opts.by is not None:
+        if opts.by < 1:
+            raise InputError("--by must be at least 1")
+        return old + opts.by
+    assert opts.factor is not None
+    width = round(old * opts.factor)
+    if opts.factor <= 1 or width <= old:
+        raise InputError(f"--factor {opts.factor:g} does not add a unit to width {old}")
+    return width
+
+
+def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
+                 result: MorphResult) -> None:
+    plan = analyse(gm, target)
+    dim = plan.tensors[target][0]
+    old = (tensor_shape(target) or ())[dim]
+    width = _new_width(old, opts)
+    gen = torch.Generator().manual_seed(opts.seed)
+    assign_maps(plan, target, ChannelMap.grow(old, width, gen))
+    ctx = ResizeContext(opts.init, gen, opts.noise)
+    for path, new_module, old_module in _resized_layers(gm, plan, ctx):
+        replace_module(gm, path, new_module)
+        result.changes.extend(_diff(path, old_module, new_module))
+    result.changes.extend(_rewrite_reshapes(plan))
+    coupled = [str(p.target) for p in plan.producers if p is not target]
+    if coupled:
+        result.notes.append(f"widened together with {', '.join(coupled)} (their outputs meet "
+                            f"{str(target.target)}'s in an elementwise op)")
+    result.notes.append(f"{target.target}: {old} -> {width} units, init {opts.init}")
+
+
+def _resized_layers(gm: fx.GraphModule, plan: Plan, ctx: ResizeContext):
+    """(path, new layer, old layer) for every layer whose weights change."""
+    out_maps = {str(n.target): plan.map_of(n) for n in plan.producers}
+    in_maps: dict[str, ChannelMap] = {}
+    for node, inp in plan.consumers:
+        in_maps[str(node.target)] = plan.map_of(inp)
+    cw_maps = {str(n.target): plan.map_of(n.args[0]) for n in plan.channelwise}
+    for path in dict.fromkeys([*out_maps, *in_maps, *cw_maps]):
+        old = gm.get_submodule(path)
+        if path in cw_maps:
+            rule = registry.lookup("channelwise", old)
+            yield path, rule.resize(old, cw_maps[path], ctx), old
+            continue
+        rule = registry.lookup("widen_out" if path in out_maps else "widen_in", old)
+        yield path, rule.resize(old, out_maps.get(path), in_maps.get(path), ctx), old
+
+
+def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
+    changes = []
+    old_tensors = {**dict(old.named_parameters(recurse=False)), **dict(old.named_buffers(recurse=False))}
+    new_tensors = {**dict(new.named_parameters(recurse=False)), **dict(new.named_buffers(recurse=False))}
+    for name, t in new_tensors.items():
+        before = old_tensors.get(name)
+        if before is None or before.shape != t.shape:
+            changes.append(Change("resized", f"{path}.{name}",
+                                  list(before.shape) if before is not None else None, list(t.shape)))
+    return changes
+
+
+def _rewrite_reshapes(plan: Plan) -> list[Change]:
+    """Literal sizes of view/reshape calls that hold the widened axis."""
+    changes = []
+    for node, src in plan.rewrites:
+        dim = plan.tensors[node][0]
+        old_size = (tensor_shape(node) or ())[dim]
+        new_size = plan.map_of(node).width
+        args = list(node.args)
+        packed = len(args) == 2 and isinstance(args[1], (tuple, list))
+        sizes = list(args[1]) if packed else args[1:]
+        if dim >= len(sizes):
+            raise UnsupportedMorphError(f"cannot widen: cannot read the sizes of {node.name!r}")
+        value = sizes[dim]
+        if value == -1:
+            continue
+        if not isinstance(value, int):
+            raise UnsupportedMorphError(
+                f"cannot widen: {node.name!r} reshapes with a computed size for the widened "
+                "axis; use -1 there")
+        if value != old_size:
+            raise UnsupportedMorphError(f"cannot widen: unexpected size {value} in {node.name!r}")
+        sizes[dim] = new_size
+        node.args = (args[0], type(args[1])(sizes)) if packed else (args[0], *sizes)
+        changes.append(Change("rewired", node.name, str(old_size), str(new_size),
+                              f"{node.target} size constant"))
+    return changes

@@ -1,0 +1,119 @@
+"""Channel maps: which original unit each unit of a widened tensor mirrors, and how to resize
+weights along one axis by such a map (Net2WiderNet copies, or NetMorph zero-init units)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+COPY, ZERO = "copy", "zero"
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """``src[j]``: the original unit that unit ``j`` copies (copy init) or whose per-channel
+    parameters it borrows (zero init); ``new[j]``: unit ``j`` did not exist before."""
+
+    src: torch.Tensor
+    new: torch.Tensor
+    old_width: int
+
+    @property
+    def width(self) -> int:
+        return int(self.src.numel())
+
+    @staticmethod
+    def identity(width: int) -> ChannelMap:
+        return ChannelMap(torch.arange(width), torch.zeros(width, dtype=torch.bool), width)
+
+    @staticmethod
+    def grow(old: int, new_width: int, gen: torch.Generator) -> ChannelMap:
+        """The first ``old`` units unchanged, then new ones mirroring random originals."""
+        extra = torch.randint(0, old, (new_width - old,), generator=gen)
+        new = torch.cat([torch.zeros(old, dtype=torch.bool), torch.ones(new_width - old, dtype=torch.bool)])
+        return ChannelMap(torch.cat([torch.arange(old), extra]), new, old)
+
+    def counts(self) -> torch.Tensor:
+        """How many units mirror each original unit (the Net2WiderNet divisor)."""
+        return torch.bincount(self.src, minlength=self.old_width)
+
+    def concat(self, other: ChannelMap) -> ChannelMap:
+        """The map of ``cat([a, b])`` given the maps of ``a`` and ``b``."""
+        return ChannelMap(torch.cat([self.src, other.src + self.old_width]),
+                          torch.cat([self.new, other.new]), self.old_width + other.old_width)
+
+    def expand(self, block: int) -> ChannelMap:
+        """Each unit becomes ``block`` consecutive units (flattening trailing dimensions)."""
+        offs = torch.arange(block)
+        src = (self.src[:, None] * block + offs).reshape(-1)
+        return ChannelMap(src, self.new.repeat_interleave(block), self.old_width * block)
+
+    def same_as(self, other: ChannelMap) -> bool:
+        return (self.old_width == other.old_width and torch.equal(self.src, other.src)
+                and torch.equal(self.new, other.new))
+
+
+def grow_outputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
+                 gen: torch.Generator, noise: float = 0.0, is_bias: bool = False) -> torch.Tensor:
+    """Rows of a producer: copies of their source units (copy), or fresh random units at the
+    scale of the existing ones (zero; biases of new units start at 0)."""
+    out = t.detach().index_select(axis, cmap.src).clone()
+    new_idx = cmap.new.nonzero().flatten()
+    if new_idx.numel() == 0:
+        return out
+    if init == ZERO:
+        fresh = torch.zeros_like(out.index_select(axis, new_idx))
+        if not is_bias:
+            std = float(t.detach().float().std()) if t.numel() > 1 else 1.0
+            fresh = torch.randn(fresh.shape, generator=gen, dtype=out.dtype) * (std or 1.0)
+        out.index_copy_(axis, new_idx, fresh)
+    if noise and not is_bias:
+        sl = out.index_select(axis, new_idx)
+        out.index_copy_(axis, new_idx, sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise)
+    return out
+
+
+def grow_inputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
+                gen: torch.Generator, noise: float = 0.0) -> torch.Tensor:
+    """Columns of a consumer: divided by the replication count (copy), or zero for new units
+    (zero), so the layer's output is unchanged."""
+    out = t.detach().index_select(axis, cmap.src).clone()
+    shape = [1] * out.dim()
+    shape[axis] = -1
+    if init == COPY:
+        out = out / cmap.counts().index_select(0, cmap.src).to(out.dtype).reshape(shape)
+    else:
+        out = out * (~cmap.new).to(out.dtype).reshape(shape)
+    new_idx = cmap.new.nonzero().flatten()
+    if noise and new_idx.numel():
+        sl = out.index_select(axis, new_idx)
+        out.index_copy_(axis, new_idx, sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise)
+    return out
+
+
+def follow(t: torch.Tensor, axis: int, cmap: ChannelMap) -> torch.Tensor:
+    """Per-channel parameters and statistics follow the map (BatchNorm, depthwise filters)."""
+    return t.detach().index_select(axis, cmap.src).clone()
+
+
+def shallow_copy(m: nn.Module) -> nn.Module:
+    """A new module object whose parameter and buffer tables can be replaced without touching
+    ``m`` (which the original model still uses)."""
+    new = copy.copy(m)
+    new._parameters = m._parameters.copy()
+    new._buffers = m._buffers.copy()
+    new._modules = m._modules.copy()
+    return new
+
+
+def set_param(m: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = m._parameters[name]
+    assert old is not None
+    m._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def set_buffer(m: nn.Module, name: str, value: torch.Tensor) -> None:
+    m._buffers[name] = value
