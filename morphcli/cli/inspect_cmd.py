@@ -45,11 +45,13 @@ def _print_table(model: str, summary: dict) -> None:
     totals = summary["totals"]
     table.caption = (f"{totals['layers']} layers, {totals['params']:,} parameters "
                      f"({totals['trainable_params']:,} trainable), {totals['bytes']:,} bytes")
+    if not out.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
+        out.width = max(out.width, 150)
     out.print(table)
 
 
 def _shape(shape: list[int] | None) -> str:
-    return "?" if shape is None else "(" + ",".join(str(d) for d in shape) + ")"
+    return "?" if shape is None else "x".join(str(d) for d in shape)
 
 
 def register(app: typer.Typer) -> None:

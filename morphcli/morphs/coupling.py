@@ -67,6 +67,7 @@ class Plan:
     channelwise: list[fx.Node] = field(default_factory=list)
     derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
     rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
+    attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
 
     def map_of(self, node: fx.Node) -> ChannelMap:
         cmap = self.tensors[node][1].cmap
@@ -88,6 +89,7 @@ class _Walker:
         self.plan = Plan()
         self.queue: list[fx.Node] = []
         self.sites = _call_sites(gm)
+        self.forwarded: set[fx.Node] = set()
 
     # -- bookkeeping
 
@@ -109,6 +111,11 @@ class _Walker:
             return
         self.plan.tensors[node] = (dim, group)
         self.queue.append(node)
+
+    def follow(self, user: fx.Node, dim: int, group: Group) -> None:
+        """``user`` carries the units because one of its inputs does: no backward walk needed."""
+        self.forwarded.add(user)
+        self.join(user, dim, group)
 
     def merge(self, keep: Group, drop: Group, where: fx.Node) -> None:
         # Each group has its own layout source (the widened layer, a concat or a flatten);
@@ -143,8 +150,8 @@ class _Walker:
     def backward(self, node: fx.Node) -> None:
         """How ``node`` is produced decides what else must carry its units."""
         dim, group = self.plan.tensors[node]
-        if node is group.source:
-            return  # derived: its map comes from its inputs
+        if node is group.source or node in self.forwarded:
+            return  # its units come from an input already in the plan
         if node.op == "call_module":
             m = self.module(node)
             rule = registry.lookup("widen_out", m)
@@ -182,6 +189,12 @@ class _Walker:
             if moved is not None:
                 self.join(node.args[0], moved, group)
                 return
+        if node.op == "get_attr":  # a per-unit tensor of the model (e.g. a layer scale)
+            if sum(1 for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1:
+                self.refuse(node, f"tensor {node.target} is read at several places")
+            if node not in self.plan.attrs:
+                self.plan.attrs.append(node)
+            return
         if node.op == "placeholder":
             self.refuse(node, "it is a model input, whose shape cannot change")
         self.refuse(node, "morphcli cannot widen the tensor it produces")
@@ -201,7 +214,7 @@ class _Walker:
                 if cw.channel_dim(m, rank) != dim:
                     self.refuse(user, "it is channelwise on another axis")
                 self.add_channelwise(user, m, cw, dim)
-                self.join(user, dim, group)
+                self.follow(user, dim, group)
                 return
             rule = registry.lookup("widen_in", m)
             if rule is not None and user.args and user.args[0] is node:
@@ -214,21 +227,21 @@ class _Walker:
                         self.plan.consumers.append((user, node))
                     return
                 if isinstance(m, nn.Linear):
-                    self.join(user, dim, group)
+                    self.follow(user, dim, group)
                     return
             if isinstance(m, nn.Flatten):
                 self.flatten(node, user, dim, m.start_dim, m.end_dim)
                 return
             pt = registry.lookup("passthrough", m)
             if pt is not None and pt.keeps(m, dim, rank):
-                self.join(user, dim, group)
+                self.follow(user, dim, group)
                 return
             if isinstance(m, nn.LayerNorm):
                 self.refuse(user, "LayerNorm normalises over the widened units, so new units "
                             "would change every unit's statistics")
             self.refuse(user, "morphcli has no rule to follow the widened units through it")
         if self.is_elementwise(user):
-            self.join(user, dim + (len(tensor_shape(user) or ()) - rank), group)
+            self.follow(user, dim + (len(tensor_shape(user) or ()) - rank), group)
             self.join_operands(user, self.plan.tensors[user][0], self.plan.tensors[user][1])
             return
         self.through_op(node, user, dim, rank, group)
@@ -272,21 +285,21 @@ class _Walker:
         if user.op == "call_function" and target in _SPATIAL_FUNCS:
             if dim != 1 or user.args[0] is not node:
                 self.refuse(user, "it pools or resizes along the widened axis")
-            self.join(user, dim, group)
+            self.follow(user, dim, group)
             return
         if user.op == "call_function" and target is F.layer_norm:
             normalized = _arg(user, 1, "normalized_shape", ())
             if dim >= rank - len(normalized):
                 self.refuse(user, "LayerNorm normalises over the widened units, so new units "
                             "would change every unit's statistics")
-            self.join(user, dim, group)
+            self.follow(user, dim, group)
             return
         if name in _SHAPE_METHODS or (user.op == "call_function" and target is getattr):
             self.shape_read(user, dim)
             return
         moved = self.axis_through(user, dim, backward=False)
         if moved is not None:
-            self.join(user, moved, group)
+            self.follow(user, moved, group)
             return
         self.refuse(user, "morphcli has no rule to follow the widened units through it")
 
@@ -350,7 +363,7 @@ class _Walker:
             group = self.plan.tensors[node][1]
             for t in tensors:
                 self.join(t, dim, group)
-            self.join(user, dim, group)
+            self.follow(user, dim, group)
             return
         if user in self.plan.derived:
             return
@@ -365,7 +378,7 @@ class _Walker:
             return out
 
         plan.derived[user] = derive
-        self.join(user, dim, Group(user))
+        self.follow(user, dim, Group(user))
 
     def flatten(self, node: fx.Node, user: fx.Node, dim: int, start: int, end: int) -> None:
         shape = tensor_shape(node) or ()
@@ -373,10 +386,10 @@ class _Walker:
         start, end = start % rank, end % rank
         group = self.plan.tensors[node][1]
         if dim < start:
-            self.join(user, dim, group)
+            self.follow(user, dim, group)
             return
         if dim > end:
-            self.join(user, dim - (end - start), group)
+            self.follow(user, dim - (end - start), group)
             return
         if dim != start:
             self.refuse(user, "the widened axis is not the first of the flattened ones")
@@ -389,11 +402,11 @@ class _Walker:
         shape_in = tensor_shape(node) or ()
         shape_out = tensor_shape(user) or ()
         before = math.prod(shape_in[:dim])
-        for p in range(len(shape_out) + 1):
-            if math.prod(shape_out[:p]) == before:
-                break
-        else:
+        # Axes of size 1 make several positions fit; prefer the widened axis's own position.
+        fits = [p for p in range(len(shape_out)) if math.prod(shape_out[:p]) == before]
+        if not fits:
             self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
+        p = dim if dim in fits else fits[-1]
         if p >= len(shape_out):
             self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
         size = shape_out[p]
@@ -405,7 +418,7 @@ class _Walker:
             self.refuse(user, "it splits the widened axis")
         self.plan.rewrites.append((user, node))
         if end == dim:
-            self.join(user, p, self.plan.tensors[node][1])
+            self.follow(user, p, self.plan.tensors[node][1])
         else:
             self.derive_expand(node, user, p, math.prod(shape_in[dim + 1 : end + 1]))
 
@@ -413,7 +426,7 @@ class _Walker:
         plan = self.plan
         if user not in plan.derived:
             plan.derived[user] = lambda: plan.map_of(node).expand(block)
-            self.join(user, out_dim, Group(user))
+            self.follow(user, out_dim, Group(user))
 
     # -- layers
 

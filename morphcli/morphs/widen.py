@@ -23,7 +23,7 @@ from morphcli.morphs.coupling import Plan, analyse, assign_maps
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
 from morphcli.rules import registry
-from morphcli.rules.channel_map import COPY, ZERO, ChannelMap
+from morphcli.rules.channel_map import COPY, ZERO, ChannelMap, follow
 from morphcli.rules.linear_layers import ResizeContext, grow_kernel
 
 INITS = (ZERO, COPY)
@@ -137,6 +137,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         replace_module(gm, path, new_module)
         result.changes.extend(_diff(path, old_module, new_module))
     result.changes.extend(_rewrite_reshapes(plan))
+    result.changes.extend(_resize_attrs(gm, plan))
     coupled = [str(p.target) for p in plan.producers if p is not target]
     if coupled:
         result.notes.append(f"widened together with {', '.join(coupled)} (their outputs meet "
@@ -170,6 +171,23 @@ def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
         if before is None or before.shape != t.shape:
             changes.append(Change("resized", f"{path}.{name}",
                                   list(before.shape) if before is not None else None, list(t.shape)))
+    return changes
+
+
+def _resize_attrs(gm: fx.GraphModule, plan: Plan) -> list[Change]:
+    """Per-unit tensors read directly by the graph (layer scales) follow the map."""
+    changes = []
+    for node in plan.attrs:
+        path = str(node.target)
+        *parents, leaf = path.split(".")
+        owner = gm.get_submodule(".".join(parents)) if parents else gm
+        old = getattr(owner, leaf)
+        value = follow(old, plan.tensors[node][0], plan.map_of(node))
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(leaf, value)
+        changes.append(Change("resized", path, list(old.shape), list(value.shape)))
     return changes
 
 

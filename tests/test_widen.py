@@ -1,0 +1,287 @@
+"""widen: exactness over init x sample model x layer, coupling cases, refusals, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+import morphcli
+from conftest import TV_SHAPE, sample_shape
+from helpers import assert_equivalent, run_cli
+from morphcli.errors import InputError, UnsupportedMorphError
+from morphcli.graph.inputs import INPUTS_META
+from morphcli.morphs.runner import CheckOptions
+
+NO_CHECK = CheckOptions(enabled=False)
+
+
+def graph_module(model: nn.Module, shape: tuple[int, ...]) -> torch.fx.GraphModule:
+    from morphcli.io.api import to_graph_module
+    from morphcli.io.checkpoint import Checkpoint
+
+    return to_graph_module(Checkpoint("test", module=model.eval()), input_shapes=[shape])
+
+
+def sample_model(name: str) -> torch.fx.GraphModule:
+    from conftest import _sample_build
+
+    return graph_module(_sample_build().build(f"{name}.pt"), sample_shape(f"{name}.pt"))
+
+
+def same_function(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> float:
+    """Equivalent to float32 round-off on a batch of 4 unit-normal inputs."""
+    spec = a.meta[INPUTS_META][0]
+    shape = (4, *spec.shape[1:])
+    if spec.dtype != "float32":
+        x = torch.randint(0, spec.high or 2, shape, generator=torch.Generator().manual_seed(0))
+        return assert_equivalent(a, b, [x], atol=1e-5)
+    return assert_equivalent(a, b, [shape], atol=1e-5)
+
+CASES = [
+    ("cnn", "conv1"), ("cnn", "conv2"), ("cnn", "conv3"), ("cnn", "conv4"), ("cnn", "fc1"),
+    ("mlp", "fc1"), ("mlp", "fc2"),
+    ("resnet", "stem"), ("resnet", "block_conv1"), ("resnet", "block_conv2"),
+    ("resnet", "branch_a"), ("resnet", "branch_b"), ("resnet", "pointwise"),
+]
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("name,layer", CASES)
+def test_widen_sample_layers_exact(name: str, layer: str, init: str) -> None:
+    gm = sample_model(name)
+    old_width = _units(gm, layer)
+    wide, result = morphcli.widen(gm, layer, by=5, init=init, seed=3, check=NO_CHECK)
+    assert _units(wide, layer) == old_width + 5
+    assert result.exact
+    same_function(gm, wide)
+    # the original model is untouched and still shares unchanged layers
+    assert _units(gm, layer) == old_width
+
+
+def test_widen_residual_group_widens_every_producer() -> None:
+    gm = sample_model("resnet")
+    wide, result = morphcli.widen(gm, "stem", to=24, check=NO_CHECK)
+    changed = {c.name for c in result.changes}
+    # stem and block_conv2 feed the residual add: both grow, with BN statistics following
+    assert wide.get_submodule("stem").out_channels == 24
+    assert wide.get_submodule("block_conv2").out_channels == 24
+    assert wide.get_submodule("block_conv1").in_channels == 24
+    assert {"stem_bn.running_var", "block_bn2.running_mean", "branch_a.weight"} <= changed
+    assert any("block_conv2" in n for n in result.notes)
+    same_function(gm, wide)
+
+
+def test_widen_concat_shifts_offsets_and_grows_depthwise_groups() -> None:
+    gm = sample_model("resnet")
+    wide, _ = morphcli.widen(gm, "branch_a", by=4, init="copy", check=NO_CHECK)
+    dw = wide.get_submodule("depthwise")
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (20, 20, 20)
+    assert wide.get_submodule("pointwise").in_channels == 20
+    same_function(gm, wide)
+
+
+def test_widen_through_flatten_into_linear() -> None:
+    gm = sample_model("cnn")
+    wide, _ = morphcli.widen(gm, "conv4", by=2, check=NO_CHECK)
+    # conv4's 64 channels reach fc1 as 64 blocks of 4x4 features
+    assert wide.get_submodule("fc1").in_features == (64 + 2) * 16
+    same_function(gm, wide)
+
+
+def test_depthwise_conv_is_refused_as_target_with_hint() -> None:
+    with pytest.raises(UnsupportedMorphError, match="depthwise.*widen the layer that feeds it"):
+        morphcli.widen(sample_model("resnet"), "depthwise", by=2, check=NO_CHECK)
+
+
+def test_widen_refuses_when_units_reach_the_output() -> None:
+    with pytest.raises(UnsupportedMorphError, match="output"):
+        morphcli.widen(sample_model("cnn"), "fc2", by=2, check=NO_CHECK)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"to": 10}, "larger than the current width"),
+    ({"by": 0}, "at least 1"),
+    ({"factor": 1.0}, "does not add a unit"),
+    ({"to": 40, "by": 2}, "only one of"),
+    ({}, "how much wider"),
+    ({"by": 2, "init": "random"}, "unknown --init"),
+])
+def test_widen_bad_sizes(kwargs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        morphcli.widen(sample_model("cnn"), "conv2", check=NO_CHECK, **kwargs)
+
+
+class _Coupled(nn.Module):
+    """Squeeze-excitation gate, a channels-last Linear after permute, a literal reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.se_reduce = nn.Conv2d(8, 4, 1)
+        self.se_expand = nn.Conv2d(4, 8, 1)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        y = y * gate
+        y = self.mix(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(y.reshape(-1, 8 * 4 * 4))
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("layer,expect", [
+    ("conv", {"se_expand": "out_channels", "se_reduce": "in_channels", "mix": "in_features"}),
+    ("mix", {"head": "in_features"}),
+    ("se_reduce", {"se_expand": "in_channels"}),
+])
+def test_widen_gates_permutes_and_literal_reshapes(layer: str, expect: dict, init: str) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(_Coupled(), (2, 3, 4, 4))
+    wide, result = morphcli.widen(gm, layer, by=3, init=init, check=NO_CHECK)
+    for path, attr in expect.items():
+        assert getattr(wide.get_submodule(path), attr) > getattr(gm.get_submodule(path), attr)
+    same_function(gm, wide)
+
+
+def test_widen_rewrites_literal_reshape_size() -> None:
+    torch.manual_seed(0)
+    gm = graph_module(_Coupled(), (2, 3, 4, 4))
+    wide, result = morphcli.widen(gm, "mix", by=2, check=NO_CHECK)
+    rewired = [c for c in result.changes if c.action == "rewired"]
+    assert rewired and rewired[0].new == str(10 * 16)
+    assert wide.get_submodule("head").in_features == 160
+
+
+class _Norms(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = norm
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize("norm,ok", [
+    (nn.GroupNorm(8, 8), True),
+    (nn.GroupNorm(2, 8), False),
+    (nn.InstanceNorm2d(8, affine=True), True),
+    (nn.PReLU(8), True),
+])
+def test_widen_norm_layers_exact_or_refused(norm: nn.Module, ok: bool) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(_Norms(norm), (2, 3, 6, 6))
+    if not ok:
+        with pytest.raises(UnsupportedMorphError, match="GroupNorm"):
+            morphcli.widen(gm, "conv", by=2, check=NO_CHECK)
+        return
+    wide, _ = morphcli.widen(gm, "conv", by=3, init="copy", check=NO_CHECK)
+    same_function(gm, wide)
+
+
+def test_layernorm_over_widened_units_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedMorphError, match="LayerNorm normalises over the widened"):
+        morphcli.widen(graph_module(model, (2, 4)), "0", by=2, check=NO_CHECK)
+
+
+def test_grouped_conv_consumer_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2))
+    with pytest.raises(UnsupportedMorphError, match="grouped convolution"):
+        morphcli.widen(graph_module(model, (1, 3, 5, 5)), "0", by=2, check=NO_CHECK)
+
+
+def test_conv_transpose_and_embedding() -> None:
+    torch.manual_seed(0)
+    deconv = nn.Sequential(nn.ConvTranspose2d(3, 6, 3), nn.ReLU(), nn.ConvTranspose2d(6, 2, 3))
+    gm = graph_module(deconv, (2, 3, 5, 5))
+    for init in ("zero", "copy"):
+        wide, _ = morphcli.widen(gm, "0", by=3, init=init, check=NO_CHECK)
+        assert wide.get_submodule("2").in_channels == 9
+        same_function(gm, wide)
+    emb = nn.Sequential(nn.Embedding(50, 6), nn.Linear(6, 3))
+    gm = graph_module(emb, (2, 7))
+    wide, _ = morphcli.widen(gm, "0", to=10, init="copy", check=NO_CHECK)
+    assert wide.get_submodule("0").embedding_dim == 10
+    same_function(gm, wide)
+
+
+def test_kernel_morph_exact_for_strided_dilated_conv() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=2), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))
+    gm = graph_module(model, (2, 3, 11, 11))
+    wide, result = morphcli.widen(gm, "0", kernel=7, by=2, check=NO_CHECK)
+    conv = wide.get_submodule("0")
+    assert conv.kernel_size == (7, 7) and conv.padding == (5, 5)
+    same_function(gm, wide)
+    with pytest.raises(UnsupportedMorphError, match="odd"):
+        morphcli.widen(gm, "0", kernel=4, check=NO_CHECK)
+
+
+def test_noise_is_labelled_approximate_and_measured() -> None:
+    gm = sample_model("mlp")
+    _, result = morphcli.widen(gm, "fc1", by=8, init="copy", noise=0.1)
+    assert not result.exact
+    assert result.check is not None and result.check.max_abs > 1e-4
+    assert not result.check.equivalent
+
+
+def test_seed_gives_byte_identical_files(tmp_path, sample_dir) -> None:
+    digests = []
+    for i in range(2):
+        out = tmp_path / f"w{i}.pt"
+        code, _, err = run_cli("widen", str(sample_dir / "cnn.pt"), "conv2", "--by", "7",
+                               "--init", "copy", "--seed", "5", "-o", str(out))
+        assert code == 0, err
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_torchvision_resnet18_coupled_group(resnet18) -> None:
+    gm = graph_module(resnet18, TV_SHAPE)
+    wide, result = morphcli.widen(gm, "layer1.0.conv2", by=16, init="copy", check=NO_CHECK)
+    # layer1's residual stream: the stem conv and every block's last conv widen together
+    for path in ("conv1", "layer1.0.conv2", "layer1.1.conv2"):
+        assert wide.get_submodule(path).out_channels == 80
+    assert wide.get_submodule("layer2.0.downsample.0").in_channels == 80
+    same_function(gm, wide)
+
+
+def _units(gm: nn.Module, path: str) -> int:
+    m = gm.get_submodule(path)
+    for attr in ("out_channels", "out_features", "embedding_dim"):
+        if hasattr(m, attr):
+            return getattr(m, attr)
+    raise AssertionError(path)
+
+
+class _LayerScale(nn.Module):
+    """A per-channel parameter read by the graph (ConvNeXt's layer scale) on a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.body = nn.Conv2d(6, 6, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y + self.scale * self.body(y))
+
+
+def test_widen_resizes_graph_parameters_like_layer_scale() -> None:
+    torch.manual_seed(0)
+    gm = graph_module(_LayerScale(), (2, 3, 5, 5))
+    wide, result = morphcli.widen(gm, "conv", by=2, init="copy", check=NO_CHECK)
+    assert wide.scale.shape == (8, 1, 1) and gm.scale.shape == (6, 1, 1)
+    assert "scale" in {c.name for c in result.changes}
+    same_function(gm, wide)
