@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from morphcli import __version__
-from morphcli.cli import check_cmd, export_cmd, inspect_cmd, widen_cmd
+from morphcli.cli import check_cmd, deepen_cmd, export_cmd, inspect_cmd, swap_cmd, widen_cmd
 
 app = typer.Typer(
     name="morph",
@@ -34,7 +34,7 @@ def _root(
     """Grow trained PyTorch networks with function-preserving morphs."""
 
 
-for _module in (inspect_cmd, check_cmd, export_cmd, widen_cmd):
+for _module in (inspect_cmd, check_cmd, export_cmd, widen_cmd, deepen_cmd, swap_cmd):
     _module.register(app)
 
 

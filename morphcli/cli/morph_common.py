@@ -58,8 +58,7 @@ def run_morph_command(
     if failed and not force:
         if as_json:
             print_json(doc)
-        err.print("error: the morphed model is not equivalent to the original; nothing was "
-                  "written (widen --atol or pass --force to write it anyway)", markup=False)
+        err.print(_not_equivalent_message(result), markup=False, highlight=False)
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
     written = write_verified(new, dest, source=model)
     doc["output"] = written["output"]
@@ -70,6 +69,27 @@ def run_morph_command(
         info(f"wrote {written['output']}", quiet)
     if failed:
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
+
+
+def _not_equivalent_message(result: Any) -> str:
+    if result.exact:
+        return ("error: the morphed model is not equivalent to the original; nothing was "
+                "written (widen --atol or pass --force to write it anyway)")
+    # Approximate by request (--noise, --approx): failing the default tolerance is expected.
+    diff = result.check.max_abs
+    return (f"error: this morph is approximate by request and changes the output by up to "
+            f"{diff:.3g} (max abs), beyond the tolerance; nothing was written (pass --atol "
+            f"{_round_up(diff)} to accept that difference, or --force to write it anyway)")
+
+
+def _round_up(x: float) -> str:
+    """A short tolerance just above ``x``: 0.0566 -> 0.06."""
+    import math
+
+    if not math.isfinite(x) or x <= 0:
+        return "X"
+    digits = -math.floor(math.log10(x))
+    return f"{math.ceil(x * 10**digits) / 10**digits:g}"
 
 
 def default_output(model: str, kind: str) -> str:

@@ -94,7 +94,8 @@ def _functions() -> dict[Any, _Functional]:
         F.hardsigmoid: _Functional("hardsigmoid", inplace),
         F.hardtanh: _Functional("hardtanh", ("min_val", "max_val", "inplace"),
                                 {"min_val": -1.0, "max_val": 1.0}),
-        F.softplus: _Functional("softplus", ("beta", "threshold"), {"beta": 1.0, "threshold": 20.0}),
+        F.softplus: _Functional("softplus", ("beta", "threshold"),
+                                {"beta": 1.0, "threshold": 20.0}),
         F.softsign: _Functional("softsign"),
         F.tanhshrink: _Functional("tanhshrink"),
         F.logsigmoid: _Functional("logsigmoid"),
@@ -114,16 +115,18 @@ def functional_names() -> list[str]:
     return sorted({f"{getattr(k, '__name__', k)}" for k in _functions()})
 
 
-def activation_spec(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict[str, Any]] | None:
-    """``(name, kwargs)`` rebuilding the activation ``node`` calls, or None if it is none we know.
+def activation_spec(node: fx.Node,
+                    module: nn.Module | None = None) -> tuple[str, dict[str, Any]] | None:
+    """``(name, kwargs)`` rebuilding the activation a call site runs, or None if none we know.
 
-    For a functional site whose arguments are not constants (computed slopes) this is None too.
+    ``module`` is the called module of a ``call_module`` node. A functional site whose
+    arguments are not constants (a computed slope) gives None too.
     """
     from morphcli.rules.registry import lookup
 
     if node.op == "call_module":
-        rule = lookup("activation", gm.get_submodule(str(node.target)))
-        return rule.spec(gm.get_submodule(str(node.target))) if rule is not None else None
+        rule = lookup("activation", module) if module is not None else None
+        return rule.spec(module) if rule is not None else None
     if node.op not in ("call_function", "call_method"):
         return None
     try:
@@ -135,7 +138,7 @@ def activation_spec(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict[str, A
     extra = node.args[1:]
     if len(extra) > len(fn.params):
         return None
-    values = dict(zip(fn.params, extra))
+    values = dict(zip(fn.params, extra, strict=False))
     for k, v in node.kwargs.items():
         if k in ("input", "self"):
             continue
@@ -170,7 +173,8 @@ def output_range(name: str, kwargs: dict[str, Any]) -> Interval | None:
 
 
 # Inputs a default-constructed activation returns unchanged, bit for bit (closed intervals).
-# ELU/CELU compute x * 1.0 for x > 0 and (exp(0) - 1) * alpha = 0 at 0; PReLU/LeakyReLU x for x >= 0.
+# ELU/CELU compute x * 1.0 for x > 0 and (exp(0) - 1) * alpha = 0 at 0; PReLU and LeakyReLU
+# return x for x >= 0.
 FIXED_SETS: dict[str, Interval] = {
     "identity": (-_INF, _INF),
     "relu": (0.0, _INF),

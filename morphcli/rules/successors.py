@@ -15,6 +15,8 @@ training can grow the outer taps.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ from morphcli.errors import UnsupportedMorphError
 from morphcli.rules.registry import register
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_ConvNd = nn.modules.conv._ConvNd
 
 
 def conv_type(spatial_dims: int) -> type[nn.Module] | None:
@@ -77,8 +80,9 @@ def decompose_conv(layer: nn.Module, kernel: int,
     per_group = out // groups
     if per_group == 1:
         raise UnsupportedMorphError(
-            f"--init decompose mixes output channels within a group, and this {type(layer).__name__}"
-            f" has one output channel per group (groups={groups}); use --init identity")
+            f"--init decompose mixes output channels within a group, and this "
+            f"{type(layer).__name__} has one output channel per group (groups={groups}); use "
+            "--init identity")
     q = torch.block_diag(*(orthogonal(per_group, generator) for _ in range(groups)))
     head = _re_expressed(layer, q)
     tail = _centred_conv(type(layer), out, kernel, layer.weight.dtype)
@@ -93,22 +97,21 @@ def orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
 
 
-def _re_expressed(layer: nn.Module, q: torch.Tensor) -> nn.Module:
-    """A new copy of ``layer`` computing ``Q^T (W x + b)`` (float64 maths, stored in place dtype)."""
-    import copy
-
+def _re_expressed(layer: nn.Linear | _ConvNd, q: torch.Tensor) -> nn.Linear | _ConvNd:
+    """A new copy of ``layer`` computing ``Q^T (W x + b)`` (float64 maths, stored as before)."""
     new = copy.deepcopy(layer)
-    w = layer.weight.detach().double()
     with torch.no_grad():
+        w = layer.weight.detach().double()
         new.weight.copy_(torch.einsum("jo,j...->o...", q, w).to(new.weight.dtype))
-        if getattr(layer, "bias", None) is not None:
+        if layer.bias is not None and new.bias is not None:
             new.bias.copy_((q.T @ layer.bias.detach().double()).to(new.bias.dtype))
     return new
 
 
 def _centred_conv(cls: type[nn.Module], channels: int, kernel: int,
-                  dtype: torch.dtype) -> nn.Module:
+                  dtype: torch.dtype) -> _ConvNd:
     layer = cls(channels, channels, kernel, padding=kernel // 2, dtype=dtype)
+    assert isinstance(layer, _ConvNd) and layer.bias is not None
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.zero_()
@@ -117,4 +120,5 @@ def _centred_conv(cls: type[nn.Module], channels: int, kernel: int,
 
 def _centre(weight: torch.Tensor) -> torch.Tensor:
     """The (out, in) slice of a conv weight at the centre tap of every spatial dimension."""
-    return weight[(slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))]
+    index = (slice(None), slice(None)) + tuple(k // 2 for k in weight.shape[2:])
+    return weight[index]
