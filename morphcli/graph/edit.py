@@ -49,6 +49,7 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
+    gm.eval()  # new layers are built in train mode; the result is run and checked in eval mode
     if gm.meta.get(INPUTS_META):
         propagate_shapes(gm)
     return gm

@@ -155,7 +155,7 @@ def to_graph_module(
 ) -> fx.GraphModule:
     """Trace what the checkpoint holds and attach input specs (given, stored or inferred)."""
     if ckpt.graph_module is not None:
-        gm = ckpt.graph_module
+        gm = ckpt.graph_module.eval()
         if arch:
             raise InputError(f"{ckpt.source}: --arch is only for state_dict files; this file "
                              "already describes its architecture")
