@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "morphcli.io.api",
     "save": "morphcli.writing",
-    "check": "morphcli.check.api",
-    "CheckReport": "morphcli.check.report",
+    "check": "morphcli.equivalence.api",
+    "CheckReport": "morphcli.equivalence.report",
     "MorphError": "morphcli.errors",
     "deepen": "morphcli.morphs.deepen",
     "widen": "morphcli.morphs.widen",

@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 import torch.fx as fx
 from torch import nn
 
-from morphcli.check.compare import compare
-from morphcli.check.report import CheckReport
+from morphcli.equivalence.compare import compare
+from morphcli.equivalence.report import CheckReport
 from morphcli.errors import InputError, NotEquivalentError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.io.api import STDIO, open_runner, to_graph_module

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from morphcli.check.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.cli import options as o
 from morphcli.cli.console import err, handled, print_json
 from morphcli.errors import EXIT_NOT_EQUIVALENT
@@ -25,7 +25,7 @@ def check(
 ) -> None:
     """Compare A and B on the same seeded random inputs (either may be .onnx or .pt2)."""
     with handled(debug):
-        from morphcli.check.api import check as run_check
+        from morphcli.equivalence.api import check as run_check
         from morphcli.cli.console import shapes_arg
 
         if a == "-" and b == "-":

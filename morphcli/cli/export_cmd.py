@@ -24,6 +24,11 @@ def export(
     with handled(debug):
         from morphcli.writing import write_verified
 
+        if as_json and output == "-":
+            from morphcli.errors import InputError
+
+            raise InputError("-o - writes the model to stdout, where --json would print too; "
+                             "drop one of them")
         loading = LoadOptions.of(arch, arch_kwargs, trust, input_shape)
         gm = loading.load(model)
         result = write_verified(gm, output, source=model)

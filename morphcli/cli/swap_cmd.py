@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from morphcli.check.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.cli import morph_common as mc
 from morphcli.cli import options as o
 from morphcli.cli.console import handled

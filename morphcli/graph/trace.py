@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 
 import torch
@@ -72,15 +74,29 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
             f"the model takes {n_placeholders} input(s) but {len(specs)} input shape(s) were "
             "given; pass one --input-shape per input"
         )
+    prop = _ShapeProp(gm)
     with torch.no_grad():
         try:
-            ShapeProp(gm).propagate(*example_inputs(specs, batch_size=None, seed=0))
+            # ShapeProp prints the traceback of a failing node itself; the CLI prints one line.
+            with contextlib.redirect_stderr(io.StringIO()):
+                prop.propagate(*example_inputs(specs, batch_size=None, seed=0))
         except Exception as e:
             shapes = " ".join(s.text() for s in specs)
+            where = f" at {prop.current}" if prop.current else ""
             raise InputError(
-                f"the model rejects input shape {shapes}: {_first_line(e)}; "
-                "pass the right --input-shape"
+                f"the model rejects input shape {shapes}{where}: "
+                f"{_first_line(e.__cause__ or e)}; pass the right --input-shape"
             ) from e
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to say where a model fails."""
+
+    current: str | None = None
+
+    def run_node(self, n: fx.Node) -> object:
+        self.current = str(n.target) if n.op == "call_module" else n.name
+        return super().run_node(n)
 
 
 def _first_line(e: BaseException) -> str:

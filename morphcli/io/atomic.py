@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,8 @@ def atomic_path(out: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, _mode_for(out))
         yield tmp
         _fsync(tmp)
         os.replace(tmp, out)
@@ -59,6 +62,16 @@ def atomic_path(out: Path) -> Iterator[Path]:
 def write_atomic(out: Path, write: Callable[[Path], None]) -> None:
     with atomic_path(out) as tmp:
         write(tmp)
+
+
+def _mode_for(out: Path) -> int:
+    """The replaced file's permissions, or the umask's default for a new file."""
+    try:
+        return stat.S_IMODE(out.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync(path: Path) -> None:

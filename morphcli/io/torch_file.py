@@ -137,11 +137,31 @@ def _unsafe_globals(data: BinaryIO | Path, e: Exception) -> list[str]:
     names = [n for n in names if n not in allowed]
     if not names:
         names = _GLOBAL_IN_MESSAGE.findall(str(e))
-    return sorted(dict.fromkeys(names))
+    return sorted(dict.fromkeys(_python3_name(n) for n in names))
+
+
+def _python3_name(name: str) -> str:
+    """Protocol-2 pickles spell some globals the Python 2 way ("commands.call"); name what
+    unpickling would really call ("subprocess.call")."""
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in NAME_MAPPING:
+        module, attr = NAME_MAPPING[(module, attr)]
+    else:
+        module = IMPORT_MAPPING.get(module, module)
+    return f"{module}.{attr}"
 
 
 def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()
+    message = str(e).strip()
+    # torch's weights-only errors open with advice to retry with weights_only=False; the
+    # actual reason follows "WeightsUnpickler error:" (e.g. "Unsupported operand 59").
+    _, marker, rest = message.partition("WeightsUnpickler error:")
+    if marker:
+        detail = rest.strip().splitlines() or ["no detail"]
+        message = f"the weights-only unpickler rejects it: {detail[0]}"
+    text = message.splitlines()
     first = text[0] if text else type(e).__name__
     return first[:300]
 

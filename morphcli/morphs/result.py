@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from morphcli.check.report import CheckReport
+from morphcli.equivalence.report import CheckReport
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from morphcli.check.compare import compare
-from morphcli.check.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.equivalence.compare import compare
+from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.errors import InputError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.io.checkpoint import torch_runner

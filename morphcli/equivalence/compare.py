@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from morphcli.check.report import INPUT_SCALES, CheckReport, OutputDiff
+from morphcli.equivalence.report import INPUT_SCALES, CheckReport, OutputDiff
 from morphcli.errors import InputError
 from morphcli.graph.inputs import InputSpec, example_inputs
 from morphcli.io.checkpoint import Runner

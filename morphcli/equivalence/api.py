@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
-from morphcli.check.compare import compare
-from morphcli.check.report import (
+from morphcli.equivalence.compare import compare
+from morphcli.equivalence.report import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
     DEFAULT_RTOL,
