@@ -1,0 +1,196 @@
+"""The torchvision zoo matrix: every morph on (a seeded sample of) every layer it applies to.
+
+Shared by ``scripts/coverage.py`` (the full matrix and the README table) and the CI slice in
+``tests/test_zoo.py``. Models are built with ``weights=None``: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+import morphcli
+from morphcli.errors import MorphError
+from morphcli.graph.layers import Layer, layers
+from morphcli.morphs.applicable import applicable_morphs
+from morphcli.morphs.runner import CheckOptions
+
+# name -> (builder kwargs, input shape). Small inputs keep the matrix affordable on 2 cores;
+# ViT is built for 64x64 images (its position embedding follows image_size).
+MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    "resnet18": ({}, (1, 3, 64, 64)),
+    "resnet50": ({}, (1, 3, 64, 64)),
+    "mobilenet_v2": ({}, (1, 3, 64, 64)),
+    "mobilenet_v3_small": ({}, (1, 3, 64, 64)),
+    "efficientnet_b0": ({}, (1, 3, 64, 64)),
+    "densenet121": ({}, (1, 3, 64, 64)),
+    "vgg11_bn": ({}, (1, 3, 64, 64)),
+    "convnext_tiny": ({}, (1, 3, 64, 64)),
+    "vit_b_16": ({"image_size": 64}, (1, 3, 64, 64)),
+    "regnet_x_400mf": ({}, (1, 3, 64, 64)),
+    "shufflenet_v2_x0_5": ({}, (1, 3, 64, 64)),
+    "squeezenet1_0": ({}, (1, 3, 64, 64)),
+}
+
+# Each variant is one row of the table: (morph, variant label, keyword arguments).
+DEEPEN_VARIANTS = [
+    {"init": "identity"}, {"init": "decompose"}, {"init": "identity", "norm": True},
+    {"init": "identity", "activation": "relu"}, {"init": "identity", "residual": True},
+    {"init": "decompose", "norm": True, "activation": "gelu"},
+]
+WIDEN_VARIANTS = [{"init": "zero", "by": 4}, {"init": "copy", "by": 4}]
+SWAP_VARIANTS = [{"to": "gelu"}, {"to": "silu", "approx": True}]
+MORPHS = {"deepen": DEEPEN_VARIANTS, "widen": WIDEN_VARIANTS, "swap": SWAP_VARIANTS}
+
+CHECK = CheckOptions(samples=4, batch_size=2)
+
+
+@dataclass
+class Cell:
+    """One (model, morph) cell of the coverage table."""
+
+    tried: int = 0
+    exact: int = 0
+    approx: int = 0  # approximate by request (swap --approx): measured, not a failure
+    refused: Counter = field(default_factory=Counter)
+    failed: list[str] = field(default_factory=list)
+    worst_rel: float = 0.0
+
+
+def build(name: str, trust_pickle: bool = False) -> fx.GraphModule:
+    """Load NAME the way users have it: a state_dict with --arch, or a whole pickle with
+    --trust (both through morphcli's loader, from bytes in memory)."""
+    import io
+
+    import torchvision
+
+    kwargs, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    _trained_batchnorm(model)
+    buf = io.BytesIO()
+    torch.save(model if trust_pickle else model.state_dict(), buf)
+    from morphcli.io.api import to_graph_module
+    from morphcli.io.torch_file import read_torch
+
+    buf.seek(0)
+    ckpt = read_torch(name, buf, trust=trust_pickle)
+    return to_graph_module(ckpt, arch=None if trust_pickle else f"torchvision.models:{name}",
+                           arch_kwargs=kwargs, input_shapes=[shape])
+
+
+def _trained_batchnorm(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+
+
+def candidates(gm: fx.GraphModule, morph: str, limit: int | None, seed: int = 0) -> list[Layer]:
+    """The layers inspect says ``morph`` applies to; a seeded sample of ``limit`` of them."""
+    found = [la for la in layers(gm) if morph in applicable_morphs(gm, la)]
+    if limit is not None and len(found) > limit:
+        found = sorted(random.Random(seed).sample(found, limit), key=lambda la: found.index(la))
+    return found
+
+
+def run_cell(gm: fx.GraphModule, morph: str, targets: list[Layer],
+             tick: Callable[[], None] = lambda: None) -> Cell:
+    """Try every variant of ``morph`` on ``targets``, rotating variants across layers for
+    deepen (all combinations on every layer would be 6x the work) and trying all for others."""
+    cell = Cell()
+    fn = getattr(morphcli, morph)
+    for i, layer in enumerate(targets):
+        variants = MORPHS[morph]
+        if morph == "deepen" and not isinstance(layer.module, (torch.nn.Linear,
+                                                              torch.nn.modules.conv._ConvNd)):
+            # decompose re-expresses the layer it follows, so it needs a Linear or Conv there
+            variants = [v for v in variants if v["init"] != "decompose"]
+        chosen = [variants[i % len(variants)]] if morph == "deepen" else variants
+        for kwargs in chosen:
+            kwargs = _distinct_target(layer, kwargs) if morph == "swap" else kwargs
+            cell.tried += 1
+            try:
+                if morph == "deepen":
+                    _, result = fn(gm, after=layer.name, check=CHECK, **kwargs)
+                else:
+                    _, result = fn(gm, layer.name, check=CHECK, **kwargs)
+            except MorphError as e:
+                cell.refused[reason(str(e))] += 1
+                continue
+            except Exception as e:  # a crash is a bug: recorded as a failure
+                cell.failed.append(f"{layer.name} {kwargs}: crash {type(e).__name__}: {e}")
+                continue
+            finally:
+                tick()
+            report = result.check
+            assert report is not None
+            if not result.exact:
+                cell.approx += 1
+            elif report.equivalent:
+                cell.exact += 1
+                cell.worst_rel = max(cell.worst_rel, report.max_rel)
+            else:
+                cell.failed.append(f"{layer.name} {kwargs}: {report.summary()}")
+    return cell
+
+
+def _distinct_target(layer: Layer, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Swap to another activation than the layer's own (gelu <-> silu)."""
+    current = layer.type_name.lower()
+    if kwargs["to"] in current:
+        return {**kwargs, "to": "silu" if kwargs["to"] == "gelu" else "gelu"}
+    return kwargs
+
+
+def reason(message: str) -> str:
+    """A refusal message without its layer and node names, so equal reasons count together."""
+    text = re.sub(r"'[^']*'", "'…'", message)
+    text = re.sub(r"reach \S+ \(\w+\) at node", "reach a layer at node", text)
+    text = re.sub(r"^[\w.@]+ is ", "LAYER is ", text)
+    return text[:160]
+
+
+def matrix(names: list[str], limit: int | None) -> Iterator[tuple[str, str, Cell]]:
+    for name in names:
+        gm = build(name)
+        for morph in MORPHS:
+            yield name, morph, run_cell(gm, morph, candidates(gm, morph, limit))
+
+
+EXPORT_FORMATS = (".safetensors", ".pt2", ".onnx")
+
+
+def export_roundtrip(gm: fx.GraphModule, folder: Any) -> dict[str, str]:
+    """Morph ``gm`` once (deepen after the first layer it applies to, then widen), write the
+    result in every export format, read each back and check it against the morphed model."""
+    from pathlib import Path
+
+    from morphcli.writing import write_verified
+
+    status: dict[str, str] = {}
+    model = gm
+    for morph in ("deepen", "widen"):
+        targets = candidates(model, morph, 1)
+        if targets:
+            kwargs = {"after": targets[0].name} if morph == "deepen" else {"by": 2}
+            args = () if morph == "deepen" else (targets[0].name,)
+            model, _ = getattr(morphcli, morph)(model, *args, check=CHECK, **kwargs)
+    for suffix in EXPORT_FORMATS:
+        path = Path(folder) / f"morphed{suffix}"
+        try:
+            write_verified(model, path)
+            report = morphcli.check(model, path, samples=4, batch_size=3,
+                                    rtol=1e-4 if suffix == ".onnx" else 1e-5)
+            status[suffix] = "ok" if report.equivalent else f"differs: {report.summary()}"
+        except MorphError as e:
+            status[suffix] = f"refused: {e}"
+    return status
