@@ -45,7 +45,8 @@ DEEPEN_VARIANTS = [
     {"init": "identity", "activation": "relu"}, {"init": "identity", "residual": True},
     {"init": "decompose", "norm": True, "activation": "gelu"},
 ]
-WIDEN_VARIANTS = [{"init": "zero", "by": 4}, {"init": "copy", "by": 4}]
+# Doubling keeps every width a multiple of any grouped convolution's groups.
+WIDEN_VARIANTS = [{"init": "zero", "factor": 2}, {"init": "copy", "factor": 2}]
 SWAP_VARIANTS = [{"to": "gelu"}, {"to": "silu", "approx": True}]
 MORPHS = {"deepen": DEEPEN_VARIANTS, "widen": WIDEN_VARIANTS, "swap": SWAP_VARIANTS}
 
@@ -181,7 +182,7 @@ def export_roundtrip(gm: fx.GraphModule, folder: Any) -> dict[str, str]:
     for morph in ("deepen", "widen"):
         targets = candidates(model, morph, 1)
         if targets:
-            kwargs = {"after": targets[0].name} if morph == "deepen" else {"by": 2}
+            kwargs = {"after": targets[0].name} if morph == "deepen" else {"factor": 2}
             args = () if morph == "deepen" else (targets[0].name,)
             model, _ = getattr(morphcli, morph)(model, *args, check=CHECK, **kwargs)
     for suffix in EXPORT_FORMATS:

@@ -192,10 +192,20 @@ def test_layernorm_over_widened_units_is_refused() -> None:
         morphcli.widen(graph_module(model, (2, 4)), "0", by=2, check=NO_CHECK)
 
 
-def test_grouped_conv_consumer_is_refused() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2))
-    with pytest.raises(UnsupportedMorphError, match="grouped convolution"):
-        morphcli.widen(graph_module(model, (1, 3, 5, 5)), "0", by=2, check=NO_CHECK)
+@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("layer", ["0", "3"])
+def test_grouped_conv_keeps_new_units_inside_groups(layer: str, init: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(12, 2, 1))
+    gm = graph_module(model, (2, 3, 6, 6))
+    wide, result = morphcli.widen(gm, layer, by=4, init=init, check=NO_CHECK)
+    grouped = wide.get_submodule("3")
+    assert grouped.groups == 4
+    assert (grouped.in_channels, grouped.out_channels) == ((12, 12) if layer == "0" else (8, 16))
+    same_function(gm, wide)
+    with pytest.raises(UnsupportedMorphError, match="multiple of 4 \\(e.g. --to"):
+        morphcli.widen(gm, layer, by=3, check=NO_CHECK)
 
 
 def test_conv_transpose_and_embedding() -> None:

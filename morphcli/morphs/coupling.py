@@ -55,6 +55,7 @@ class Group:
 
     source: fx.Node | None
     cmap: ChannelMap | None = None
+    blocks: int = 1  # grouped convolutions in the group: new units must stay in their group
 
 
 @dataclass
@@ -164,6 +165,7 @@ class _Walker:
                     why = rule.why_not_out(m)
                     if why:
                         self.refuse(node, why)
+                    self.require_blocks(node, group, getattr(m, "groups", 1))
                     self.shared_check(node)
                     if node not in self.plan.producers:
                         self.plan.producers.append(node)
@@ -222,6 +224,7 @@ class _Walker:
                     why = rule.why_not_in(m)
                     if why:
                         self.refuse(user, why)
+                    self.require_blocks(user, group, getattr(m, "groups", 1))
                     self.shared_check(user)
                     if (user, node) not in self.plan.consumers:
                         self.plan.consumers.append((user, node))
@@ -437,6 +440,16 @@ class _Walker:
         self.shared_check(node)
         if node not in self.plan.channelwise:
             self.plan.channelwise.append(node)
+
+    def require_blocks(self, node: fx.Node, group: Group, groups: int) -> None:
+        """A grouped convolution reads (or writes) its channels in ``groups`` blocks: the map
+        must add units inside each block, copying units of the same block."""
+        if groups == 1:
+            return
+        if group.source is not None:
+            self.refuse(node, f"a grouped convolution (groups={groups}) reads units laid out by "
+                        "a concatenation or flatten")
+        group.blocks = math.lcm(group.blocks, groups)
 
     def shared_check(self, node: fx.Node) -> None:
         if len(self.sites.get(str(node.target), ())) > 1:

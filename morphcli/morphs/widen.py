@@ -131,7 +131,18 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     old = (tensor_shape(target) or ())[dim]
     width = _new_width(old, opts)
     gen = torch.Generator().manual_seed(opts.seed)
-    assign_maps(plan, target, ChannelMap.grow(old, width, gen))
+    blocks = plan.tensors[target][1].blocks
+    if blocks > 1:
+        if width % blocks:
+            raise UnsupportedMorphError(
+                f"cannot widen {target.target} to {width}: its units meet grouped convolutions "
+                f"({blocks} groups), so the new width must be a multiple of {blocks} "
+                f"(e.g. --to {(width // blocks + 1) * blocks})")
+        root = ChannelMap.grow_blocks(old, width, blocks, gen)
+        result.notes.append(f"new units are added inside each of the {blocks} channel groups")
+    else:
+        root = ChannelMap.grow(old, width, gen)
+    assign_maps(plan, target, root)
     ctx = ResizeContext(opts.init, gen, opts.noise)
     for path, new_module, old_module in _resized_layers(gm, plan, ctx):
         replace_module(gm, path, new_module)

@@ -36,6 +36,14 @@ class ChannelMap:
         new = torch.cat([torch.zeros(old, dtype=torch.bool), torch.ones(new_width - old, dtype=torch.bool)])
         return ChannelMap(torch.cat([torch.arange(old), extra]), new, old)
 
+    @staticmethod
+    def grow_blocks(old: int, new_width: int, blocks: int, gen: torch.Generator) -> ChannelMap:
+        """``grow`` within each of ``blocks`` equal blocks (the groups of a grouped conv)."""
+        old_b, new_b = old // blocks, new_width // blocks
+        parts = [ChannelMap.grow(old_b, new_b, gen) for _ in range(blocks)]
+        src = torch.cat([p.src + i * old_b for i, p in enumerate(parts)])
+        return ChannelMap(src, torch.cat([p.new for p in parts]), old)
+
     def counts(self) -> torch.Tensor:
         """How many units mirror each original unit (the Net2WiderNet divisor)."""
         return torch.bincount(self.src, minlength=self.old_width)

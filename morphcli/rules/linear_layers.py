@@ -91,15 +91,11 @@ class ConvRule:
 
     @staticmethod
     def why_not_out(m: nn.Module) -> str | None:
-        if m.groups != 1:
-            return f"grouped convolution (groups={m.groups}) outputs cannot be widened yet"
+        if m.groups != 1 and isinstance(m, _CONV_T):
+            return f"grouped transposed convolution (groups={m.groups})"
         return None
 
-    @staticmethod
-    def why_not_in(m: nn.Module) -> str | None:
-        if m.groups != 1:
-            return f"it is a grouped convolution (groups={m.groups}) that is not depthwise"
-        return None
+    why_not_in = why_not_out
 
     @staticmethod
     def resize(m: nn.Module, out_map: ChannelMap | None, in_map: ChannelMap | None,
@@ -114,10 +110,27 @@ class ConvRule:
                 set_param(new, "bias", grow_outputs(m.bias, 0, out_map, ctx.init, ctx.gen, is_bias=True))
             new.out_channels = out_map.width
         if in_map is not None:
-            w = grow_inputs(w, in_axis, in_map, ctx.init, ctx.gen, ctx.noise if out_map is None else 0.0)
+            noise = ctx.noise if out_map is None else 0.0
+            if m.groups == 1:
+                w = grow_inputs(w, in_axis, in_map, ctx.init, ctx.gen, noise)
+            else:
+                w = _grow_grouped_inputs(w, m.groups, in_map, ctx, noise)
             new.in_channels = in_map.width
         set_param(new, "weight", w)
         return new
+
+
+def _grow_grouped_inputs(w: torch.Tensor, groups: int, cmap: ChannelMap, ctx: ResizeContext,
+                         noise: float) -> torch.Tensor:
+    """A grouped conv's weight is (out, in/groups, *k): group g's rows read input block g.
+    Each block's map (aligned by the coupling analysis) resizes that group's columns."""
+    rows, old_b, new_b = w.shape[0] // groups, cmap.old_width // groups, cmap.width // groups
+    parts = []
+    for g in range(groups):
+        local = ChannelMap(cmap.src[g * new_b:(g + 1) * new_b] - g * old_b,
+                           cmap.new[g * new_b:(g + 1) * new_b], old_b)
+        parts.append(grow_inputs(w[g * rows:(g + 1) * rows], 1, local, ctx.init, ctx.gen, noise))
+    return torch.cat(parts, 0)
 
 
 @register("channelwise", *_CONV)
