@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,12 @@ def test_equivalence_helper_detects_a_difference(samples_module) -> None:
         assert_equivalent(a, b, [(4, 20)], atol=1e-4)
     with pytest.raises(AssertionError, match="shape"):
         assert_equivalent(a, nn.Sequential(nn.Linear(20, 6)), [(4, 20)], atol=1.0)
+
+
+def test_module_names_with_hyphens_round_trip(tmp_path: Path) -> None:
+    """torch allows any name without a dot (torchvision's RegNet uses 'block1-0')."""
+    model = nn.Sequential(OrderedDict([("block1-0", nn.Linear(4, 3)), ("act", nn.ReLU())])).eval()
+    for suffix in (".pt", ".safetensors", ".pt2"):
+        path = tmp_path / f"hyphen{suffix}"
+        morphcli.save(model, path, input_shapes=[(2, 4)])
+        assert_equivalent(model, morphcli.load(path), [(2, 4)], atol=0)

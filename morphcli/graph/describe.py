@@ -26,7 +26,7 @@ FORMAT = "morphcli.architecture"
 VERSION = 1
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # torch allows "block1-0"
 _MAX_NODES = 1_000_000
 
 # Constructor arguments that are not plain attributes of the same name.
@@ -170,14 +170,20 @@ def _encode(v: Any, where: str) -> Any:
 # ---------------------------------------------------------------- rebuilding
 
 
-def rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
-    """Build a runnable GraphModule from a description and its tensors, validating both."""
+def rebuild(desc: Any, tensors: Mapping[str, torch.Tensor], source: str | None = None
+            ) -> fx.GraphModule:
+    """Build a runnable GraphModule from a description and its tensors, validating both.
+    ``source`` (the file) starts every error message."""
+    where = f"{source}: " if source else ""
     try:
         return _rebuild(desc, tensors)
-    except InputError:
-        raise
+    except InputError as e:
+        if not where:
+            raise
+        raise InputError(f"{where}{e}") from e
     except Exception as e:  # a malformed description can fail anywhere; report it as bad input
-        raise InputError(f"invalid architecture description: {type(e).__name__}: {e}") from e
+        raise InputError(f"{where}invalid architecture description: {type(e).__name__}: {e}"
+                         ) from e
 
 
 def _rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
