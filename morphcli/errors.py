@@ -34,3 +34,12 @@ class NotEquivalentError(MorphError):
     """Two models differ beyond tolerance."""
 
     exit_code = EXIT_NOT_EQUIVALENT
+
+
+class MorphWarning(UserWarning):
+    """Something the user should know that does not stop the command (the core never prints:
+    it warns, and the CLI shows each warning as one ``warning: ...`` line on stderr)."""
+
+
+class NonFiniteWeightsWarning(MorphWarning):
+    """The model's weights hold NaN or Inf, so its outputs cannot be trusted or checked."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import FIGURES  # noqa: E402
 from torch import nn  # noqa: E402
 
 torch.set_num_threads(1)
@@ -100,3 +102,37 @@ def resnet18() -> nn.Module:
 def mobilenet_v2() -> nn.Module:
     return torchvision_model("mobilenet_v2")
 
+
+
+# ---------------------------------------------------------------- figures in the run summary
+# Tests record figures (fuzz inputs, property-test morphs) with helpers.add_figures. Under
+# xdist each worker sends its own to the controller, which adds them up and prints them.
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker
+        workeroutput["morph_figures"] = json.dumps(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    data = getattr(node, "workeroutput", {}).get("morph_figures")
+    for group, (template, counts) in json.loads(data or "{}").items():
+        _, totals = FIGURES.setdefault(group, (template, {}))
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for group in sorted(FIGURES):
+        template, counts = FIGURES[group]
+        shown = {k: round(v, 1) if isinstance(v, float) else v for k, v in counts.items()}
+        terminalreporter.write_line(template.format_map(_Missing(shown)))
+
+
+class _Missing(dict):
+    """format_map that shows a missing count as 0 (e.g. no refusals in a run)."""
+
+    def __missing__(self, key: str) -> int:
+        return 0

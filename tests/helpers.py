@@ -145,3 +145,18 @@ def sha256(path: Path) -> str:
 def listing(folder: Path) -> set[str]:
     """Every name in ``folder``, hidden ones (temporary files) included."""
     return {p.name for p in Path(folder).iterdir()}
+
+
+# ---------------------------------------------------------------- figures for the run summary
+
+# group -> (template, counts). Tests add to it; tests/conftest.py sums the groups over xdist
+# workers and prints each template, filled in, at the end of the run (a human reads the CI log).
+FIGURES: dict[str, tuple[str, dict[str, float]]] = {}
+
+
+def add_figures(group: str, template: str, **counts: float) -> None:
+    """Add ``counts`` to the summary line ``group``, e.g.
+    ``add_figures("fuzz", "fuzz: {inputs} inputs tried, {crashes} crashes", inputs=1)``."""
+    _, totals = FIGURES.setdefault(group, (template, {}))
+    for key, value in counts.items():
+        totals[key] = totals.get(key, 0) + value

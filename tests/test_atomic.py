@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import resource
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +167,80 @@ def test_same_model_gives_identical_bytes(samples: Path) -> None:
     assert invoke("export", samples / "cnn.pt", "-o", b).code == 0
     assert sha256(a) == sha256(b)
     assert sha256(a) == sha256(samples / "cnn.pt")  # the sample was written the same way
+
+
+MORPHS = {"deepen": ("--after", "conv3"), "widen": ("conv2", "--by", "4"),
+          "swap": ("relu", "--to", "gelu")}
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "enospc"])
+@pytest.mark.parametrize("command", list(MORPHS))
+def test_morph_write_failure_leaves_nothing(samples: Path, monkeypatch: pytest.MonkeyPatch,
+                                            command: str, failure: str) -> None:
+    """Ctrl-C or a full disk halfway through writing a morph's result: no partial or temporary
+    file, the input untouched (default output name beside it, and an explicit -o)."""
+    exc: BaseException = (KeyboardInterrupt() if failure == "interrupt"
+                          else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    _patch_writer(monkeypatch, ".pt", _failing_writer(exc))
+    before = listing(samples)
+    src_hash = sha256(samples / "cnn.pt")
+    for out in ((), ("-o", samples / "out.pt")):
+        code, stdout, stderr = invoke(command, samples / "cnn.pt", *MORPHS[command], "-q", *out)
+        if failure == "interrupt":
+            assert code == 130
+            assert_one_error_line(stderr, "interrupted: nothing was written")
+        else:
+            assert code == 2
+            assert_one_error_line(stderr, "error: cannot write", "no space left on device")
+        assert stdout == ""
+        assert listing(samples) == before
+        assert sha256(samples / "cnn.pt") == src_hash
+
+
+def test_output_directory_not_writable(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any work. (The tests run as root, for whom every directory is writable,
+    so os.access is made to say no, as it would for a user without write permission.)"""
+    real = os.access
+    locked = samples / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if Path(p) == locked and mode & os.W_OK else real(p, mode, **kw)))
+    before = listing(samples)
+    for args in (("export", samples / "mlp.pt"), ("deepen", samples / "cnn.pt", "--after",
+                                                  "conv3")):
+        code, stdout, stderr = invoke(*args, "-o", locked / "out.pt")
+        assert (code, stdout) == (2, "")
+        assert_one_error_line(stderr, f"output directory '{locked}' is not writable")
+    assert listing(samples) == before and listing(locked) == set()
+
+
+def _limited_file_size(limit: int) -> None:
+    """In the child process: writes past ``limit`` bytes fail with EFBIG, as on a full disk
+    (SIGXFSZ ignored, so the write returns the error instead of killing the process)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".pt2", ".onnx"])
+def test_real_write_failure_in_every_writer(samples: Path, suffix: str) -> None:
+    """Each format's writer (torch.save, safetensors, torch.export's C++ zip writer, onnx) hits
+    a real failing write() in a real process: one error line, exit 2, nothing left behind."""
+    out = samples / f"out{suffix}"
+    before = listing(samples)
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-m", "morphcli", "export", samples / "mlp.pt",
+                           "-o", out], capture_output=True, env=env, timeout=300,
+                          preexec_fn=lambda: _limited_file_size(8192))
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 2, stderr
+    assert_one_error_line(stderr, f"error: cannot write '{out}': File too large")
+    assert listing(samples) == before
+
+
+def test_stdout_on_a_full_disk(samples: Path) -> None:
+    """``-o -`` into a full device: one error line and exit 2, not a traceback."""
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "morphcli", "export", samples / "mlp.pt",
+                               "-o", "-"], stdout=full, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr.decode(), "error: cannot write to stdout: no space left")

@@ -78,6 +78,16 @@ def _export_to(name: str) -> Callable[[Path, dict], tuple]:
     return setup
 
 
+def _morph(command: str, *args: str) -> Callable[[Path, dict], tuple]:
+    """``morph COMMAND cnn.pt ARGS`` on a private copy of cnn.pt ("OUT" names a path in tmp)."""
+
+    def setup(tmp: Path, files: dict) -> tuple:
+        src = _copy(files["cnn"], tmp / "cnn.pt")
+        return (command, src, *(tmp / a[4:] if a.startswith("OUT:") else a for a in args))
+
+    return setup
+
+
 def _symlink_to_input(tmp: Path, files: dict) -> tuple:
     src = _copy(files["cnn"], tmp / "cnn.pt")
     (tmp / "link.pt").symlink_to(src)
@@ -134,6 +144,56 @@ CASES: dict[str, tuple[Callable[[Path, dict], tuple], tuple[str, ...]]] = {
     "output-is-directory": (lambda tmp, files: ("export", _copy(files["cnn"], tmp / "cnn.pt"),
                                                 "-o", _mkdir(tmp / "out.pt")),
                             ("is a directory",)),
+    "output-dir-is-a-file": (_export_to("cnn.pt/out.pt"), ("'", "cnn.pt' is not a directory")),
+    "onnx-named-pt": (lambda tmp, files: ("inspect", _copy(files[".onnx"], tmp / "model.pt")),
+                      ("looks like a .onnx file", "wrong suffix")),
+    "pt2-named-safetensors": (
+        lambda tmp, files: ("inspect", _copy(files[".pt2"], tmp / "m.safetensors")),
+        ("looks like a .pt file", "wrong suffix")),
+    # the morph commands: the same checks, and their own
+    "morph-missing-file": (lambda tmp, files: ("deepen", tmp / "nope.pt", "--after", "fc1"),
+                           ("no such file",)),
+    "morph-state-dict-without-arch": (
+        lambda tmp, files: ("widen", _copy(files["resnet18_state"], tmp / "state.pt"),
+                            "conv1", "--by", "2"), ("state_dict", "--arch")),
+    "morph-onnx-input": (
+        lambda tmp, files: ("deepen", _copy(files[".onnx"], tmp / "m.onnx"), "--after", "fc1"),
+        ("ONNX model", "morph check")),
+    "widen-unknown-layer": (_morph("widen", "conv9", "--by", "2"),
+                            ("no layer named 'conv9'", "did you mean conv4")),
+    "deepen-unknown-layer": (_morph("deepen", "--after", "fc9"), ("did you mean fc2",)),
+    "swap-unknown-layer": (_morph("swap", "rellu", "--to", "gelu"), ("did you mean relu",)),
+    "deepen-ambiguous-layer": (_morph("deepen", "--after", "relu"),
+                               ("'relu' is called at 5 places", "relu@2 (feeds pool_1)")),
+    "widen-ambiguous-layer": (_morph("widen", "pool", "--by", "2"), ("pool@1", "name one")),
+    "widen-not-a-widenable-layer": (_morph("widen", "bn2", "--by", "2"),
+                                    ("bn2 is a BatchNorm2d", "widen applies to Conv1d")),
+    "widen-units-reach-output": (_morph("widen", "fc2", "--by", "2"),
+                                 ("reach the model's output",)),
+    "deepen-decompose-after-relu": (_morph("deepen", "--after", "relu@3", "--init", "decompose"),
+                                    ("must be linear", "relu@3 is a ReLU", "--init identity")),
+    "swap-not-an-activation": (_morph("swap", "conv2", "--to", "gelu"),
+                               ("conv2 is a Conv2d, not an activation",)),
+    "widen-to-smaller": (_morph("widen", "conv2", "--to", "8"),
+                         ("--to 8 must be larger than the current width 32",)),
+    "widen-by-zero": (_morph("widen", "conv2", "--by", "0"), ("at least 1",)),
+    "morph-output-is-input": (_morph("deepen", "--after", "conv3", "-o", "OUT:cnn.pt"),
+                              ("is the input file",)),
+    "morph-output-dir-missing": (_morph("widen", "conv2", "--by", "2", "-o", "OUT:no/x.pt"),
+                                 ("does not exist",)),
+    "morph-output-dir-is-a-file": (_morph("swap", "relu", "--to", "gelu", "-o",
+                                          "OUT:cnn.pt/x.pt"), ("is not a directory",)),
+    "morph-output-unknown-suffix": (_morph("widen", "conv2", "--by", "2", "-o", "OUT:w.txt"),
+                                    ("unknown output suffix '.txt'",)),
+    "morph-output-is-directory": (
+        lambda tmp, files: _morph("deepen", "--after", "conv3", "-o", "OUT:d.pt")(
+            _mkdir(tmp / "d.pt").parent, files), ("is a directory",)),
+    "morph-stdout-and-json": (_morph("widen", "conv2", "--by", "2", "-o", "-", "--json"),
+                              ("-o - writes the model to stdout", "--json")),
+    "morph-input-shape-malformed": (_morph("swap", "relu", "--to", "gelu", "--input-shape",
+                                           "1,3,x"), ("bad --input-shape '1,3,x'",)),
+    "morph-input-shape-rejected": (_morph("widen", "conv2", "--by", "2", "--input-shape",
+                                          "1,5,32,32"), ("rejects input shape 1,5,32,32",)),
 }
 
 

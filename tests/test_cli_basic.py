@@ -87,9 +87,10 @@ def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
     script = (
         "import sys\n"
         f"sys.argv = ['morph', *{args!r}]\n"
-        "from morphcli.cli.app import main\n"
+        # app, not main: main ends the process without returning (see cli.app._exit_now)
+        "from morphcli.cli.app import app\n"
         "try:\n"
-        "    main()\n"
+        "    app()\n"
         "except SystemExit as e:\n"
         "    code = e.code\n"
         "print('EXIT', code, 'torch' in sys.modules)\n"
@@ -158,3 +159,25 @@ def test_stdout_model_and_json_conflict(samples: Path) -> None:
     code, stdout, stderr = invoke("export", samples / "mlp.pt", "-o", "-", "--json", binary=True)
     assert (code, stdout) == (2, b"")
     assert_one_error_line(stderr, "-o -", "--json")
+
+
+@pytest.mark.parametrize("command,args", [("deepen", ("--after", "fc1")),
+                                          ("widen", ("fc1", "--by", "2")),
+                                          ("swap", ("act1", "--to", "gelu"))])
+def test_morph_stdout_model_and_json_conflict(samples: Path, command: str, args: tuple) -> None:
+    """The archive and the JSON document cannot share stdout: refused before any work, with
+    -o - and with the default output of a model read from stdin. --dry-run writes no model."""
+    raw = (samples / "mlp.pt").read_bytes()
+    before = listing(samples)
+    code, stdout, stderr = invoke(command, samples / "mlp.pt", *args, "-o", "-", "--json",
+                                  binary=True)
+    assert (code, stdout) == (2, b"")
+    assert_one_error_line(stderr, "-o - writes the model to stdout", "--json")
+    code, stdout, stderr = invoke(command, "-", *args, "--json", input=raw, binary=True)
+    assert (code, stdout) == (2, b"")
+    assert_one_error_line(stderr, "reading MODEL from stdin, the model goes to stdout", "--json")
+    assert listing(samples) == before
+
+    code, stdout, stderr = invoke(command, "-", *args, "--json", "--dry-run", input=raw)
+    assert code == 0, stderr
+    assert json.loads(stdout)["output"] is None

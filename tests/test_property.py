@@ -1,37 +1,50 @@
-"""Property test: random architectures, random sequences of morphs, zero equivalence failures.
+"""Property test: random architectures, long random sequences of morphs, zero equivalence
+failures.
 
-Architectures are MLPs and CNNs with BatchNorm, residual adds, concatenations, depthwise convs
-and a flatten into Linear. Every morph the tool accepts must keep max abs difference within
-float32 round-off (relative to the output's scale); a refusal must be a MorphError.
+Architectures are MLPs and CNNs with BatchNorm, assorted activations, residual adds,
+concatenations, depthwise and grouped convs, squeeze-excitation gates, pooling, dropout,
+LayerNorm and a flatten (function, module or literal view) into Linear. Every morph the tool
+accepts must keep the function to float32 round-off (relative to the output's scale) on two
+input distributions; a refusal must be a MorphError. Morphed models are also written to a .pt
+archive and read back now and then, which must always work.
+
+The default run is sized for CI; ``pytest -m slow`` runs the long one (MORPH_PROPERTY_EXAMPLES
+and MORPH_PROPERTY_STEPS override both). The figures appear in the run's summary.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
 import torch
 import torch.fx as fx
+from helpers import add_figures, assert_equivalent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import morphcli
-from helpers import assert_equivalent
 from morphcli.errors import MorphError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.graph.layers import layers
 from morphcli.io.api import to_graph_module
 from morphcli.io.checkpoint import Checkpoint
+from morphcli.io.torch_file import read_torch, write_archive
 from morphcli.morphs.applicable import applicable_morphs
 from morphcli.morphs.runner import CheckOptions
 
-EXAMPLES = int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "200"))
+# (examples, longest morph sequence): CI default, and the slow run
+DEFAULT_RUN = (int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "120")),
+               int(os.environ.get("MORPH_PROPERTY_STEPS", "6")))
+SLOW_RUN = (int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "600")),
+            int(os.environ.get("MORPH_PROPERTY_STEPS", "16")))
 NO_CHECK = CheckOptions(enabled=False)
 ACTIVATIONS = ["gelu", "silu", "tanh", "leaky_relu", "elu", "sigmoid"]
-
-REFUSALS: dict[str, int] = {}
-STATS = {"examples": 0, "morphs": 0, "accepted": 0, "refused": 0}
+LAYER_ACTIVATIONS = [nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU]
+FIGURES = ("property: {architectures} architectures, {morphs} morphs, {exact} exact, "
+           "{refused} refused, {round_trips} save/load round trips, {failures} failures")
 
 
 class _Builder:
@@ -55,112 +68,171 @@ class _Builder:
     def op(self, fn: object, *args: object) -> fx.Node:
         return self.graph.call_function(fn, args)  # type: ignore[arg-type]
 
+    def act(self, draw: st.DrawFn, x: fx.Node) -> fx.Node:
+        return self.layer(draw(st.sampled_from(LAYER_ACTIVATIONS))(), x)
+
+
+def _conv_block(draw: st.DrawFn, b: _Builder, x: fx.Node, width: int,
+                size: int) -> tuple[fx.Node, int, int]:
+    """One random CNN block: (output, its channels, its spatial size)."""
+    kind = draw(st.sampled_from(["conv", "res", "cat", "dw", "group", "se", "pool", "bn",
+                                 "dropout"]))
+    if kind == "conv":
+        new = draw(st.integers(2, 6))
+        return b.act(draw, b.layer(nn.Conv2d(width, new, 3, padding=1), x)), new, size
+    if kind == "res":
+        y = b.layer(nn.BatchNorm2d(width), b.layer(nn.Conv2d(width, width, 3, padding=1), x))
+        return b.layer(nn.ReLU(), b.op(torch.add, x, y)), width, size
+    if kind == "cat":
+        w1, w2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        a = b.layer(nn.Conv2d(width, w1, 1), x)
+        c = b.layer(nn.Conv2d(width, w2, 3, padding=1), x)
+        return b.op(torch.cat, [a, c], 1), w1 + w2, size
+    if kind == "dw":
+        return b.layer(nn.Conv2d(width, width, 3, padding=1, groups=width), x), width, size
+    if kind == "group" and width % 2 == 0:
+        new = 2 * draw(st.integers(1, 3))
+        return b.layer(nn.Conv2d(width, new, 3, padding=1, groups=2), x), new, size
+    if kind == "se":  # squeeze-excitation: a channel gate computed from the tensor itself
+        hidden = draw(st.integers(1, 3))
+        s = b.op(torch.mean, x, (2, 3), True)
+        s = b.layer(nn.Conv2d(hidden, width, 1), b.layer(nn.ReLU(), b.layer(
+            nn.Conv2d(width, hidden, 1), s)))
+        return b.op(torch.mul, x, b.op(torch.sigmoid, s)), width, size
+    if kind == "pool" and size > 2:
+        pool = draw(st.sampled_from([nn.MaxPool2d, nn.AvgPool2d]))(2)
+        return b.layer(pool, x), width, size // 2
+    if kind == "dropout":
+        return b.layer(nn.Dropout(0.5), x), width, size
+    return b.layer(nn.BatchNorm2d(width), x), width, size
+
+
+def _flatten(draw: st.DrawFn, b: _Builder, x: fx.Node, features: int) -> fx.Node:
+    how = draw(st.sampled_from(["function", "module", "view"]))
+    if how == "function":
+        return b.op(torch.flatten, x, 1)
+    if how == "module":
+        return b.layer(nn.Flatten(), x)
+    return b.graph.call_method("view", (x, -1, features))  # a literal size widen must rewrite
+
+
+def _dense_block(draw: st.DrawFn, b: _Builder, x: fx.Node, features: int) -> tuple[fx.Node, int]:
+    kind = draw(st.sampled_from(["linear", "res", "cat", "norm", "dropout"]))
+    if kind == "linear":
+        new = draw(st.integers(2, 8))
+        return b.act(draw, b.layer(nn.Linear(features, new), x)), new
+    if kind == "res":
+        return b.op(torch.add, x, b.layer(nn.Linear(features, features), x)), features
+    if kind == "cat":
+        w1, w2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        return b.op(torch.cat, [b.layer(nn.Linear(features, w1), x),
+                                b.layer(nn.Linear(features, w2), x)], 1), w1 + w2
+    if kind == "norm":  # widening the units it normalises must be refused, deepening is fine
+        return b.layer(nn.LayerNorm(features), x), features
+    return b.layer(nn.Dropout(0.2), x), features
+
 
 @st.composite
 def architectures(draw: st.DrawFn) -> fx.GraphModule:
     torch.manual_seed(draw(st.integers(0, 2**16)))
     b = _Builder()
     x = b.graph.placeholder("x")
-    conv = draw(st.booleans())
-    width = draw(st.integers(2, 6))
-    if conv:
+    if draw(st.booleans()):
         shape: tuple[int, ...] = (2, 3, 8, 8)
+        width, size = draw(st.integers(2, 6)), 8
         x = b.layer(nn.Conv2d(3, width, 3, padding=1), x)
-        size = 8
-        for _ in range(draw(st.integers(1, 4))):
-            kind = draw(st.sampled_from(["conv", "res", "cat", "dw", "pool", "bn"]))
-            if kind == "conv":
-                new = draw(st.integers(2, 6))
-                x = b.layer(nn.ReLU(), b.layer(nn.Conv2d(width, new, 3, padding=1), x))
-                width = new
-            elif kind == "res":
-                y = b.layer(nn.BatchNorm2d(width), b.layer(nn.Conv2d(width, width, 3, padding=1), x))
-                x = b.layer(nn.ReLU(), b.op(torch.add, x, y))
-            elif kind == "cat":
-                w1, w2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-                a = b.layer(nn.Conv2d(width, w1, 1), x)
-                c = b.layer(nn.Conv2d(width, w2, 3, padding=1), x)
-                x = b.op(torch.cat, [a, c], 1)
-                width = w1 + w2
-            elif kind == "dw":
-                x = b.layer(nn.Conv2d(width, width, 3, padding=1, groups=width), x)
-            elif kind == "pool" and size > 2:
-                x = b.layer(nn.MaxPool2d(2), x)
-                size //= 2
-            else:
-                x = b.layer(nn.BatchNorm2d(width), x)
-        x = b.op(torch.flatten, x, 1)
+        for _ in range(draw(st.integers(1, 5))):
+            x, width, size = _conv_block(draw, b, x, width, size)
         features = width * size * size
+        x = _flatten(draw, b, x, features)
     else:
-        shape = (2, 5)
-        features = 5
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["linear", "res", "cat"]))
-        if kind == "linear":
-            new = draw(st.integers(2, 8))
-            x = b.layer(nn.ReLU(), b.layer(nn.Linear(features, new), x))
-            features = new
-        elif kind == "res":
-            x = b.op(torch.add, x, b.layer(nn.Linear(features, features), x))
-        else:
-            w1, w2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-            x = b.op(torch.cat, [b.layer(nn.Linear(features, w1), x),
-                                 b.layer(nn.Linear(features, w2), x)], 1)
-            features = w1 + w2
+        shape, features = (2, 5), 5
+    for _ in range(draw(st.integers(1, 4))):
+        x, features = _dense_block(draw, b, x, features)
     b.graph.output(b.layer(nn.Linear(features, 3), x))
     gm = fx.GraphModule(b.root, b.graph)
     return to_graph_module(Checkpoint("generated", graph_module=gm), input_shapes=[shape])
 
 
-def _random_morph(draw: st.DrawFn, gm: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
-    """Apply one random morph to a random layer it applies to; (model, accepted)."""
+def _random_morph(draw: st.DrawFn, gm: fx.GraphModule, stats: dict[str, int]) -> fx.GraphModule:
+    """Apply one random morph to a random layer it applies to (or keep ``gm`` if refused)."""
     candidates = [(la, m) for la in layers(gm) for m in applicable_morphs(gm, la)]
     if not candidates:
-        return gm, False
+        stats["refused"] += 1
+        return gm
     layer, morph = draw(st.sampled_from(candidates))
     seed = draw(st.integers(0, 1000))
     try:
         if morph == "widen":
-            new, _ = morphcli.widen(gm, layer.name, by=draw(st.integers(1, 4)),
-                                    init=draw(st.sampled_from(["zero", "copy"])), seed=seed,
-                                    check=NO_CHECK)
+            how = draw(st.sampled_from(["by", "factor"]))
+            size = ({"by": draw(st.integers(1, 4))} if how == "by"
+                    else {"factor": draw(st.sampled_from([1.5, 2.0]))})
+            new, _ = morphcli.widen(gm, layer.name, init=draw(st.sampled_from(["zero", "copy"])),
+                                    seed=seed, check=NO_CHECK, **size)
         elif morph == "deepen":
+            # decompose applies only after linear layers; drawn less often to waste fewer draws
+            init = draw(st.sampled_from(["identity", "identity", "identity", "decompose"]))
             new, _ = morphcli.deepen(
-                gm, after=layer.name, init=draw(st.sampled_from(["identity", "decompose"])),
-                norm=draw(st.booleans()), residual=draw(st.booleans()),
+                gm, after=layer.name, init=init, norm=draw(st.booleans()),
+                residual=init == "identity" and draw(st.booleans()),
                 activation=draw(st.sampled_from([None, "relu", "gelu"])), seed=seed,
                 check=NO_CHECK)
         else:
             new, _ = morphcli.swap(gm, layer.name, to=draw(st.sampled_from(ACTIVATIONS)),
                                    check=NO_CHECK)
-    except MorphError as e:
-        REFUSALS[f"{morph}: {str(e)[:110]}"] = REFUSALS.get(f"{morph}: {str(e)[:110]}", 0) + 1
-        return gm, False
-    return new, True
+    except MorphError:
+        stats["refused"] += 1
+        return gm
+    stats["exact"] += 1
+    return new
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(data=st.data())
-def test_random_morph_sequences_stay_exact(data: st.DataObject) -> None:
+def _round_trip(gm: fx.GraphModule) -> fx.GraphModule:
+    """Write a morphed model as a .pt archive and read it back, as the next command would."""
+    buf = io.BytesIO()
+    write_archive(gm, buf)
+    buf.seek(0)
+    return to_graph_module(read_torch("round trip", buf, trust=False))
+
+
+def _morph_sequences(data: st.DataObject, steps: int) -> None:
     original = data.draw(architectures())
     model = original
-    STATS["examples"] += 1
-    for _ in range(data.draw(st.integers(1, 4))):
-        model, accepted = _random_morph(data.draw, model)
-        STATS["morphs"] += 1
-        STATS["accepted" if accepted else "refused"] += 1
-    spec = original.meta[INPUTS_META][0]
-    with torch.no_grad():
-        x = torch.randn((4, *spec.shape[1:]), generator=torch.Generator().manual_seed(1))
-        scale = float(original(x).abs().max())
-    assert_equivalent(original, model, [x], atol=1e-5 * max(1.0, scale))
+    stats = {"architectures": 1, "morphs": 0, "exact": 0, "refused": 0, "round_trips": 0,
+             "failures": 0}
+    try:
+        for _ in range(data.draw(st.integers(1, steps))):
+            model = _random_morph(data.draw, model, stats)
+            stats["morphs"] += 1
+            if data.draw(st.integers(0, 4)) == 0:
+                model = _round_trip(model)
+                stats["round_trips"] += 1
+        spec = original.meta[INPUTS_META][0]
+        gen = torch.Generator().manual_seed(1)
+        for scale in (1.0, 10.0):  # two input distributions, as the check uses
+            x = torch.randn((4, *spec.shape[1:]), generator=gen) * scale
+            with torch.no_grad():
+                out_scale = float(original(x).abs().max())
+            assert_equivalent(original, model, [x], atol=1e-5 * max(1.0, out_scale))
+    except Exception:  # not hypothesis's own control flow (StopTest is a BaseException)
+        stats["failures"] += 1
+        raise
+    finally:
+        add_figures("property", FIGURES, **stats)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report_figures():
-    yield
-    print(f"\nproperty test: {STATS['examples']} architectures, {STATS['morphs']} morphs tried, "
-          f"{STATS['accepted']} accepted and exact, {STATS['refused']} refused")
-    for reason, count in sorted(REFUSALS.items(), key=lambda kv: -kv[1])[:5]:
-        print(f"  {count:4d}  {reason}")
+_SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(max_examples=DEFAULT_RUN[0], **_SETTINGS)
+@given(data=st.data())
+def test_random_morph_sequences_stay_exact(data: st.DataObject) -> None:
+    _morph_sequences(data, DEFAULT_RUN[1])
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW_RUN[0], **_SETTINGS)
+@given(data=st.data())
+def test_long_random_morph_sequences_stay_exact(data: st.DataObject) -> None:
+    _morph_sequences(data, SLOW_RUN[1])

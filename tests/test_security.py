@@ -170,6 +170,27 @@ def _edit_tensor_shape(desc: dict, tensors: dict, marker: Path) -> None:
     tensors["fc1.weight"] = torch.zeros(3, 3)
 
 
+def _edit_unknown_op(desc: dict, tensors: dict, marker: Path) -> None:
+    _replace_node(desc, "fc1", op="exec", target=f"open({str(marker)!r}, 'w').close()")
+
+
+def _edit_missing_tensor(desc: dict, tensors: dict, marker: Path) -> None:
+    del tensors["fc2.bias"]
+
+
+def _edit_extra_tensor(desc: dict, tensors: dict, marker: Path) -> None:
+    tensors["payload"] = torch.zeros(4)
+
+
+def _edit_huge_input(desc: dict, tensors: dict, marker: Path) -> None:
+    # checking would allocate 4 TB of random inputs if the shape were believed
+    desc["inputs"] = [{"shape": [1, 10**6, 10**6], "dtype": "float32", "high": None}]
+
+
+def _edit_input_dtype(desc: dict, tensors: dict, marker: Path) -> None:
+    desc["inputs"] = [{"shape": [1, 20], "dtype": "save", "high": None}]
+
+
 TAMPERS = {
     "layer-type-os.system": (_edit_layer_type, "not an allowlisted layer type"),
     "call-builtins.eval": (_edit_eval_call, "'builtins.eval', which is not allowlisted"),
@@ -180,6 +201,11 @@ TAMPERS = {
     "node-name-semicolon": (_edit_node_name, "bad or repeated node name"),
     "huge-linear-no-tensors": (_edit_huge_linear, "missing: fc1.weight, fc1.bias"),
     "wrong-tensor-shape": (_edit_tensor_shape, "has shape (3, 3) but the layer needs (64, 20)"),
+    "unknown-op": (_edit_unknown_op, "node 'fc1' has unknown op 'exec'"),
+    "missing-tensor": (_edit_missing_tensor, "missing: fc2.bias"),
+    "unexpected-tensor": (_edit_extra_tensor, "unexpected: payload"),
+    "huge-input-shape": (_edit_huge_input, "more than the 268,435,456 morph allocates"),
+    "input-dtype-not-a-dtype": (_edit_input_dtype, "dtype 'save' is not one morph can generate"),
 }
 
 
@@ -210,7 +236,8 @@ def test_tampered_description_is_rejected(samples: Path, case: str, suffix: str)
     code, stdout, stderr = invoke("inspect", path)
     assert (code, stdout) == (2, "")
     assert_one_error_line(stderr, message)
-    with pytest.raises(InputError, match="allowlisted|not described|node name|missing|shape"):
+    with pytest.raises(InputError, match="allowlisted|not described|node name|missing|shape|"
+                       "unknown op|unexpected|allocates|dtype"):
         morphcli.load(path)
     assert not marker.exists()
     assert listing(samples) == before
@@ -236,3 +263,155 @@ def test_unreadable_pickle_gets_no_advice_to_load_unsafely(tmp_path: Path, conte
     line = assert_one_error_line(stderr, "cannot read as a PyTorch checkpoint",
                                  "the weights-only unpickler rejects it")
     assert "weights_only" not in line and "likely succeed" not in line
+
+
+# ---------------------------------------------------------------- code that runs on unpickling
+
+
+class _Trap:
+    """A custom class whose own ``__reduce__`` re-creates it armed: unpickling touches MARKER."""
+
+    def __init__(self, marker: str, armed: bool = False) -> None:
+        self.marker = marker
+        if armed:
+            Path(marker).touch()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Trap, (self.marker, True))
+
+
+class _UserNet(nn.Module):
+    """A user's own module class: not allowlisted, so a whole pickle of it needs --trust."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _evil_graph_module(marker: Path) -> _Payload:
+    """A GraphModule pickle whose code block (exec'd by torch.fx when loaded) touches MARKER."""
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 2)))
+    fn, (body, imports) = gm.__reduce__()
+    return _Payload(fn, body, f"open({str(marker)!r}, 'w').close()\n{imports}")
+
+
+CODE_ON_LOAD = {
+    "custom-__reduce__": (lambda m: {"state_dict": {"w": torch.ones(2)}, "x": _Trap(str(m))},
+                          "test_security._Trap"),
+    "graph-module-code": (_evil_graph_module, "torch.fx.graph_module.reduce_graph_module"),
+    "user-module-class": (lambda m: _UserNet(), "test_security._UserNet"),
+}
+
+
+@pytest.mark.parametrize("case", list(CODE_ON_LOAD))
+def test_code_run_by_unpickling_is_refused(tmp_path: Path, case: str) -> None:
+    make, wanted = CODE_ON_LOAD[case]
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "model.pt"
+    torch.save(make(marker), path)
+    assert not marker.exists()
+
+    code, stdout, stderr = invoke("inspect", path, "--input-shape", "1,4")
+    assert (code, stdout) == (2, "")
+    assert_one_error_line(stderr, "refused to load", wanted, "--trust")
+    with pytest.raises(InputError, match="refused"):
+        morphcli.load(path)
+    assert not marker.exists()
+    assert listing(tmp_path) == {"model.pt"}
+
+    if case != "user-module-class":  # control: a full unpickle really does run the payload
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+def test_checkpoint_never_makes_morph_import_a_module(samples: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A description naming a module (that exists, and would run code on import) as a layer
+    type is refused without importing it: only --arch imports, and only what the user names."""
+    (samples / "evil_layers_xyz.py").write_text(
+        f"open({str(samples / 'MARKER')!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(samples))
+    path = _tampered(samples / "mlp.pt", samples / "named.pt",
+                     lambda desc, tensors, marker: desc["modules"]["fc1"].update(
+                         type="evil_layers_xyz.Net"), samples / "MARKER")
+    code, _, stderr = invoke("inspect", path)
+    assert code == 2
+    assert_one_error_line(stderr, "'evil_layers_xyz.Net', which is not an allowlisted layer type")
+    assert not (samples / "MARKER").exists()
+    import sys
+
+    assert "evil_layers_xyz" not in sys.modules
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def test_onnx_goes_through_the_checker_before_onnxruntime(samples: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that parses but breaks the ONNX spec never reaches onnxruntime."""
+    import onnx
+    import onnxruntime
+
+    sessions: list[object] = []
+    real = onnxruntime.InferenceSession
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        sessions.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    good = samples / "mlp.onnx"
+    assert invoke("export", samples / "mlp.pt", "-o", good).code == 0
+    sessions.clear()
+
+    proto = onnx.load(str(good))
+    proto.graph.node[0].input[0] = "no_such_tensor"  # uses a value nothing defines
+    bad = samples / "bad.onnx"
+    onnx.save(proto, str(bad))
+    code, _, stderr = invoke("check", bad, samples / "mlp.pt")
+    assert code == 2
+    assert_one_error_line(stderr, "bad.onnx: not a valid ONNX model", "no_such_tensor")
+    assert sessions == []
+
+    code, _, stderr = invoke("check", good, samples / "mlp.pt")  # control: the real one runs
+    assert code == 0, stderr
+    assert len(sessions) == 1
+
+
+def _drop_in_features(seq: nn.Sequential) -> None:
+    del seq[0].in_features
+
+
+def _wrong_in_features(seq: nn.Sequential) -> None:
+    seq[2].in_features = 9
+
+
+def _no_parameters_table(seq: nn.Sequential) -> None:
+    del seq[1]._parameters
+
+
+DAMAGED_PICKLES = {
+    "missing-attribute": (_drop_in_features, "layer '0' (torch.nn.modules.linear.Linear): "
+                          "cannot read constructor argument 'in_features'"),
+    "settings-disagree-with-weight": (_wrong_in_features, "layer '2' (Linear): tensor 'weight' "
+                                      "is (2, 8) but the layer's settings need (2, 9)"),
+    "no-module-state": (_no_parameters_table, "layer '1' (ReLU) lacks the state every torch "
+                        "module has"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_PICKLES))
+def test_damaged_whole_pickle_is_refused(tmp_path: Path, case: str) -> None:
+    """The weights-only unpickler restores a layer's attributes as the file lists them (found
+    by the fuzz test): a layer that is not what its own settings build is refused at load."""
+    damage, message = DAMAGED_PICKLES[case]
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    damage(seq)
+    path = tmp_path / "seq.pt"
+    torch.save(seq, path)
+    code, stdout, stderr = invoke("inspect", path)
+    assert (code, stdout) == (2, "")
+    assert_one_error_line(stderr, f"error: {path}: damaged pickled model: {message}")

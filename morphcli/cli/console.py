@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 
-from morphcli.errors import EXIT_INTERNAL, MorphError
+from morphcli.errors import EXIT_INTERNAL, MorphError, MorphWarning
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -20,7 +21,27 @@ out = Console(highlight=False, soft_wrap=True)
 
 @contextmanager
 def handled(debug: bool = False) -> Iterator[None]:
-    """Turn every failure into one clear line on stderr and a documented exit code."""
+    """Turn every failure into one clear line on stderr and a documented exit code, and each
+    warning the core raises (MorphWarning) into one ``warning: ...`` line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", MorphWarning)  # each distinct message once
+        warnings.showwarning = _show_warning(warnings.showwarning)
+        with _errors_handled(debug):
+            yield
+
+
+def _show_warning(fallback: Callable[..., None]) -> Callable[..., None]:
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, MorphWarning):
+            err.print(f"warning: {message}", markup=False, highlight=False)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
+
+
+@contextmanager
+def _errors_handled(debug: bool) -> Iterator[None]:
     try:
         yield
     except typer.Exit:
@@ -52,6 +73,16 @@ def print_json(doc: Any) -> None:
 def info(message: str, quiet: bool = False) -> None:
     if not quiet:
         err.print(message, markup=False, highlight=False)
+
+
+def refuse_json_with_stdout_model(output: str | None, as_json: bool, default: bool = False) -> None:
+    """The model and the JSON document cannot share stdout; say so before any work."""
+    if as_json and output == "-":
+        from morphcli.errors import InputError
+
+        how = "reading MODEL from stdin, the model goes" if default else "-o - writes the model"
+        raise InputError(f"{how} to stdout, where --json would print too; drop --json or "
+                         "pass -o FILE")
 
 
 def shapes_arg(values: list[str] | None) -> list[tuple[int, ...]] | None:

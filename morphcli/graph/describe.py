@@ -8,6 +8,7 @@ tensor against the layer that holds it, so a tampered description fails with an 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -108,6 +109,56 @@ def _describe_module(path: str, m: nn.Module) -> dict[str, Any]:
             continue  # tensors travel in the state_dict; submodules are rebuilt by the layer
         args[arg] = _encode(value, where=f"layer {path!r} argument {arg!r}")
     return {"type": name, "args": args}
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def check_layer(path: str, m: nn.Module) -> None:
+    """Raise InputError unless ``m`` is the layer its own constructor arguments build: the same
+    public attributes, and parameters and buffers of the same names and shapes.
+
+    An unpickled layer holds whatever its file said (a damaged file can drop ``in_features``
+    or disagree with its weight's shape), and tracing, rules and writers all read these.
+    Layers of classes outside the allowlist (user code, loaded with --trust) are not checked.
+    """
+    if (allowlist.module_type_name(m) not in allowlist.module_types()
+            or isinstance(m, _CONTAINERS) or not _checkable(type(m))):
+        return
+    what = f"layer {path!r} ({type(m).__name__})"
+    ref = _build_module(path, _describe_module(path, m))
+    state = vars(m)
+    missing = [k for k in vars(ref) if not k.startswith("_") and k not in state]
+    if missing:
+        raise InputError(f"{what} lacks {', '.join(missing)}")
+    for table in ("_parameters", "_buffers"):
+        mine, needed = state[table], vars(ref)[table]
+        for k in sorted({*mine, *needed}):
+            a, b = mine.get(k), needed.get(k)
+            if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+                raise InputError(f"{what}: tensor {k!r} is {_shape_text(a)} but the layer's "
+                                 f"settings need {_shape_text(b)}")
+
+
+@functools.cache
+def _checkable(cls: type[nn.Module]) -> bool:
+    """Whether healthy layers of ``cls`` describe and rebuild, tried once on a small one (built
+    on the meta device, 2 for every required argument). Classes a description cannot hold
+    (LSTM, TransformerEncoderLayer) are not checked, rather than refused."""
+    required = [p for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    try:
+        with torch.device("meta"):
+            sample = cls(*[2] * len(required))
+        _build_module("sample", _describe_module("sample", sample))
+    except Exception:
+        return False
+    return cls is not nn.Module
+
+
+def _shape_text(t: torch.Tensor | None) -> str:
+    return "absent" if t is None else str(tuple(t.shape))
 
 
 def _attr_kind(gm: fx.GraphModule, target: str) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from morphcli.errors import InputError
 
 INPUTS_META = "morphcli.inputs"
 
@@ -25,8 +29,36 @@ class InputSpec:
         return {"shape": list(self.shape), "dtype": self.dtype, "high": self.high}
 
     @staticmethod
-    def from_json(d: dict) -> InputSpec:
-        return InputSpec(tuple(int(x) for x in d["shape"]), str(d["dtype"]), d.get("high"))
+    def from_json(d: Any) -> InputSpec:
+        """Parse and validate a spec read from a file (a damaged one must not crash later)."""
+        if not isinstance(d, dict):
+            raise InputError(f"stored input spec {d!r:.80} is not a mapping")
+        shape, dtype, high = d.get("shape"), d.get("dtype"), d.get("high")
+        if not isinstance(shape, list) or not all(type(x) is int for x in shape):
+            raise InputError(f"stored input shape {shape!r:.80} is not a list of integers")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise InputError(f"stored input dtype {dtype!r:.80} is not one morph can generate")
+        if high is not None and (type(high) is not int or high < 1):
+            raise InputError(f"stored input bound {high!r:.80} is not a positive integer")
+        return InputSpec(checked_shape(tuple(shape), "stored input shape"), dtype, high)
+
+
+# Input shapes read from a file decide how much memory checking allocates, so a damaged or
+# hostile file must not claim terabytes: a cap far above any real model's input.
+MAX_INPUT_ELEMENTS = 1 << 28
+MAX_INPUT_DIMS = 8
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+           "uint8", "bool")
+
+
+def checked_shape(shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """``shape`` if it is a sane input shape (positive, few dimensions, bounded size)."""
+    if len(shape) > MAX_INPUT_DIMS or any(d < 1 for d in shape):
+        raise InputError(f"{what} {shape} is not a valid input shape")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise InputError(f"{what} {shape} has {math.prod(shape):,} elements, more than the "
+                         f"{MAX_INPUT_ELEMENTS:,} morph allocates for one input")
+    return shape
 
 
 def example_inputs(
@@ -59,8 +91,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         dims = ()
     if not dims or any(d <= 0 for d in dims) or any(d > 1_000_000 for d in dims):
-        from morphcli.errors import InputError
-
         raise InputError(
             f"bad --input-shape {text!r}: expected positive integers separated by commas, "
             "e.g. 1,3,32,32"

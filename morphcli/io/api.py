@@ -17,7 +17,7 @@ from morphcli.errors import InputError
 from morphcli.graph.infer_inputs import resolve_inputs
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.graph.trace import propagate_shapes, trace
-from morphcli.io.checkpoint import Checkpoint, Runner, torch_runner
+from morphcli.io.checkpoint import Checkpoint, Runner, torch_runner, warn_if_not_finite
 from morphcli.io.formats import FORMATS, format_for
 from morphcli.io.sniff import sniff
 
@@ -110,7 +110,7 @@ def read_checkpoint(
             f"{name}: unknown suffix {path.suffix or '(none)'!r}{hint}; "
             f"supported: {', '.join(FORMATS)}"
         )
-    if fmt.suffix in (".pt", ".pth") and zipfile.is_zipfile(path) and _is_pt2(path):
+    if fmt.suffix in (".pt", ".pth") and _is_pt2(path):
         fmt = FORMATS[".pt2"]
     try:
         return fmt.read(name, path, trust)
@@ -133,12 +133,13 @@ def _read_stdin(stream: BinaryIO, trust: bool) -> Checkpoint:
 
 
 def _is_pt2(data: Path | io.BytesIO) -> bool:
-    """torch.export programs are zips too; torch.save zips always hold a data.pkl."""
+    """torch.export programs are zips too; torch.save zips always hold a data.pkl.
+    False for anything that is not a readable zip (zipfile.is_zipfile itself can raise)."""
     try:
         with zipfile.ZipFile(data) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
+    except Exception:  # a damaged zip (bad offsets, undecodable names) is no .pt2; the torch
+        return False   # reader then reports the damage as an InputError
     return not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
 
 
@@ -174,6 +175,7 @@ def to_graph_module(
         gm = trace(module)
     else:  # pragma: no cover - read_checkpoint always fills one field
         raise InputError(f"{ckpt.source}: nothing to load")
+    warn_if_not_finite(ckpt.source, [*gm.named_parameters(), *gm.named_buffers()])
     if input_shapes or not gm.meta.get(INPUTS_META):
         try:
             gm.meta[INPUTS_META] = resolve_inputs(gm, gm.graph, input_shapes)

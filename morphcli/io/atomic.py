@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from morphcli.errors import InputError
 
@@ -17,7 +19,8 @@ def check_output_path(out: Path, inputs: tuple[Path, ...] = ()) -> None:
     """Fail early, before any work, when ``out`` cannot be written or would replace an input."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise InputError(f"output directory {str(parent)!r} does not exist")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InputError(f"output directory {str(parent)!r} {what}")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {str(parent)!r} is not writable")
     if out.is_dir():
@@ -52,7 +55,7 @@ def atomic_path(out: Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, out)
     except OSError as e:
-        raise InputError(f"cannot write {str(out)!r}: {_os_reason(e)}") from e
+        raise InputError(f"cannot write {str(out)!r}: {os_reason(e)}") from e
     finally:
         # Runs on errors and on KeyboardInterrupt alike: no partial file is left behind.
         with contextlib.suppress(FileNotFoundError):
@@ -82,7 +85,61 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _os_reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
+    """The reason an OS error gives, in words ("no space left on device")."""
     if e.errno == errno.ENOSPC:
         return "no space left on device"
     return e.strerror or str(e)
+
+
+@contextlib.contextmanager
+def latched(f: BinaryIO) -> Iterator[BinaryIO]:
+    """Wrap ``f`` for torch's zip writer (torch.save, torch.export.save): a failed write is
+    raised as itself (OSError, KeyboardInterrupt) once torch is done, not lost or fatal."""
+    latch = _LatchedWriter(f)
+    try:
+        yield latch  # type: ignore[misc]
+    except BaseException:
+        if latch.error is not None:  # the write failed first: that is the cause to report
+            raise latch.error from None
+        raise
+    if latch.error is not None:
+        raise latch.error
+
+
+class _LatchedWriter(io.RawIOBase):
+    """A file for torch's C++ zip writer, which aborts the whole process (std::terminate) when
+    a write fails (full disk, Ctrl-C) and it later finalises the archive, or masks the failure
+    with its own RuntimeError. The first failure is kept and later writes are dropped."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self.f = f
+        self.error: BaseException | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(self.f.seekable())
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self.f.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self.f.tell())
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        if self.error is None:
+            try:
+                self.f.write(data)
+            except BaseException as e:  # OSError, KeyboardInterrupt: raised after torch returns
+                self.error = e
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.f.flush()
+            except BaseException as e:
+                self.error = e

@@ -21,8 +21,9 @@ import torch.fx as fx
 
 from morphcli.errors import InputError
 from morphcli.graph.describe import describe, rebuild, state_tensors
-from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
-from morphcli.io.checkpoint import Checkpoint, torch_runner
+from morphcli.graph.inputs import INPUTS_META, InputSpec, checked_shape, example_inputs
+from morphcli.io.atomic import latched
+from morphcli.io.checkpoint import Checkpoint, torch_runner, warn_if_not_finite
 
 PT2_EXTRA = "morphcli.architecture.json"
 ONNX_METADATA = "morphcli.architecture"
@@ -38,7 +39,9 @@ class ExportError(InputError):
 
 def write_pt2(gm: fx.GraphModule, dest: Path) -> None:
     program = _export_program(gm)
-    torch.export.save(program, str(dest), extra_files={PT2_EXTRA: json.dumps(describe(gm))})
+    with dest.open("wb") as f, latched(f) as safe:
+        torch.export.save(program, safe,  # type: ignore[arg-type]
+                          extra_files={PT2_EXTRA: json.dumps(describe(gm))})
 
 
 def read_pt2(source: str, data: Path | io.BytesIO) -> Checkpoint:
@@ -56,7 +59,7 @@ def read_pt2(source: str, data: Path | io.BytesIO) -> Checkpoint:
             raise InputError(f"{source}: damaged architecture description in .pt2") from e
         tensors = {**program.state_dict, **program.constants}
         needed = _needed_keys(desc, tensors)
-        return Checkpoint(source, graph_module=rebuild(desc, needed), kind="morphcli .pt2")
+        return Checkpoint(source, graph_module=rebuild(desc, needed, source), kind="morphcli .pt2")
     module = program.module()
     return Checkpoint(source, runner=torch_runner(module), kind="torch.export program",
                       inputs=_pt2_inputs(program))
@@ -85,6 +88,10 @@ def _pt2_inputs(program: torch.export.ExportedProgram) -> tuple[InputSpec, ...] 
             if val is None:
                 return None
             shape = tuple(int(d) if isinstance(d, int) else 1 for d in val.shape)
+            try:
+                checked_shape(shape, "input shape")
+            except InputError:
+                return None  # not a size to allocate blindly: the user passes --input-shape
             specs.append(InputSpec(shape, str(val.dtype).removeprefix("torch.")))
     return tuple(specs)
 
@@ -143,8 +150,26 @@ def read_onnx(source: str, data: Path | bytes) -> Checkpoint:
         onnx.checker.check_model(proto)
     except Exception as e:
         raise InputError(f"{source}: not a valid ONNX model: {_reason(e)}") from e
+    warn_if_not_finite(source, _onnx_weights(proto))
     specs = _onnx_inputs(proto)
-    return Checkpoint(source, runner=_onnx_runner(proto), inputs=specs, kind="ONNX model")
+    try:
+        runner = _onnx_runner(proto)
+    except Exception as e:  # onnx.checker does not check every attribute value; ORT does
+        raise InputError(f"{source}: onnxruntime cannot load the model: {_reason(e)}") from e
+    return Checkpoint(source, runner=runner, inputs=specs, kind="ONNX model")
+
+
+def _onnx_weights(proto: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The floating-point initializers, as tensors (ones that cannot be read are skipped:
+    running the model reports them)."""
+    from onnx import TensorProto, numpy_helper
+
+    for init in proto.graph.initializer:
+        if init.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+            try:
+                yield init.name, torch.from_numpy(numpy_helper.to_array(init).copy())
+            except Exception:
+                continue
 
 
 def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
@@ -154,8 +179,8 @@ def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
             inputs = json.loads(stored).get("inputs")
             if inputs:
                 return tuple(InputSpec.from_json(s) for s in inputs)
-        except (ValueError, AttributeError, KeyError, TypeError):
-            pass
+        except (ValueError, AttributeError, KeyError, TypeError, InputError):
+            pass  # damaged metadata: fall back to the graph's own input shapes
     from onnx import TensorProto
 
     initializers = {i.name for i in proto.graph.initializer}
@@ -167,9 +192,12 @@ def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
         if any(d <= 0 for d in dims[1:]):
             return None
-        dims = [max(d, 1) for d in dims]
+        try:
+            shape = checked_shape(tuple(max(d, 1) for d in dims), "ONNX input shape")
+        except InputError:
+            return None  # not a size to allocate blindly: the user passes --input-shape
         dtype = "int64" if t.elem_type == TensorProto.INT64 else "float32"
-        specs.append(InputSpec(tuple(dims), dtype, 2 if dtype == "int64" else None))
+        specs.append(InputSpec(shape, dtype, 2 if dtype == "int64" else None))
     return tuple(specs)
 
 
@@ -177,7 +205,7 @@ def _onnx_runner(proto: Any):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the user as one line of ours, not ORT's log
     session = ort.InferenceSession(proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]

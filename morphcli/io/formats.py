@@ -85,3 +85,14 @@ FORMATS: dict[str, Format] = {
 
 def format_for(path: Path | str) -> Format | None:
     return FORMATS.get(Path(path).suffix.lower())
+
+
+def output_format(path: Path) -> Format:
+    """The format ``path``'s suffix names for writing, or an InputError saying which exist."""
+    fmt = format_for(path)
+    if fmt is None or fmt.write is None:
+        from morphcli.errors import InputError
+
+        raise InputError(f"cannot write {str(path)!r}: unknown output suffix "
+                         f"{path.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
+    return fmt

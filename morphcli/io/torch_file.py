@@ -21,7 +21,8 @@ from torch import nn
 
 from morphcli.errors import InputError, UnsafeCheckpointError
 from morphcli.graph import allowlist
-from morphcli.graph.describe import describe, rebuild, state_tensors
+from morphcli.graph.describe import check_layer, describe, rebuild, state_tensors
+from morphcli.io.atomic import latched
 from morphcli.io.checkpoint import Checkpoint
 
 ARCHIVE_FORMAT = "morphcli.archive"
@@ -39,6 +40,8 @@ def read_torch(source: str, data: BinaryIO | Path, trust: bool) -> Checkpoint:
     obj = _torch_load(source, data, trust)
     if isinstance(obj, dict) and obj.get("format") == ARCHIVE_FORMAT:
         return _from_archive(source, obj)
+    if isinstance(obj, nn.Module):
+        _check_module_state(source, obj)
     if isinstance(obj, fx.GraphModule):
         return Checkpoint(source, module=obj, kind="pickled GraphModule")
     if isinstance(obj, nn.Module):
@@ -61,8 +64,8 @@ def write_archive(gm: fx.GraphModule, dest: BinaryIO | Path) -> None:
     if isinstance(dest, Path):
         # Through a file object, the zip's root folder is always "archive", not the (temporary)
         # file's name, so the same model gives byte-identical files.
-        with dest.open("wb") as f:
-            torch.save(payload, f)
+        with dest.open("wb") as f, latched(f) as safe:
+            torch.save(payload, safe)
     else:
         torch.save(payload, dest)
 
@@ -77,8 +80,38 @@ def _from_archive(source: str, obj: dict) -> Checkpoint:
         desc = json.loads(text)
     except ValueError as e:
         raise InputError(f"{source}: damaged morphcli archive (description is not JSON)") from e
-    gm = rebuild(desc, tensors)
+    gm = rebuild(desc, tensors, source)
     return Checkpoint(source, graph_module=gm, kind="morphcli archive")
+
+
+def _check_module_state(source: str, model: nn.Module) -> None:
+    """The unpickler restores each layer's attributes as the file lists them, so a damaged file
+    can drop or retype those every torch module relies on; refuse it here, not deep in torch."""
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [("(root)", model)]
+    while todo:
+        path, m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        state = getattr(m, "__dict__", {})
+        tables = [state.get(k) for k in ("_parameters", "_buffers", "_modules")]
+        ok = isinstance(state.get("training"), bool) and all(isinstance(t, dict) for t in tables)
+        if ok:
+            params, buffers, children = tables
+            ok = all(v is None or isinstance(v, torch.Tensor)
+                     for v in [*params.values(), *buffers.values()])  # type: ignore[union-attr]
+            ok = ok and all(isinstance(k, str) and (c is None or isinstance(c, nn.Module))
+                            for k, c in children.items())  # type: ignore[union-attr]
+        if not ok:
+            raise InputError(f"{source}: damaged pickled model: layer {path!r} "
+                             f"({type(m).__name__}) lacks the state every torch module has")
+        try:
+            check_layer(path, m)
+        except InputError as e:
+            raise InputError(f"{source}: damaged pickled model: {e}") from e
+        todo += [(k if path == "(root)" else f"{path}.{k}", c)
+                 for k, c in children.items() if c is not None]  # type: ignore[union-attr]
 
 
 def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -102,7 +135,7 @@ def _torch_load(source: str, data: BinaryIO | Path, trust: bool) -> Any:
             return torch.load(data, map_location="cpu", weights_only=False)
         except Exception as e:
             raise InputError(f"{source}: cannot read as a PyTorch checkpoint: {_reason(e)}") from e
-    mmap = isinstance(data, Path) and zipfile.is_zipfile(data)
+    mmap = isinstance(data, Path) and _is_zip(data)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(data, map_location="cpu", weights_only=True, mmap=mmap)
@@ -117,6 +150,14 @@ def _torch_load(source: str, data: BinaryIO | Path, trust: bool) -> Any:
         raise InputError(f"{source}: cannot read as a PyTorch checkpoint: {_reason(e)}") from e
     except Exception as e:
         raise InputError(f"{source}: cannot read as a PyTorch checkpoint: {_reason(e)}") from e
+
+
+def _is_zip(path: Path) -> bool:
+    """zipfile.is_zipfile, which raises (BadZipFile) on some damaged end records."""
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:
+        return False
 
 
 _GLOBAL_IN_MESSAGE = re.compile(r"(?:GLOBAL|global) ([\w.]+)")
