@@ -32,8 +32,13 @@ def check(
             from morphcli.errors import InputError
 
             raise InputError("only one of A and B can be read from stdin")
-        report = run_check(a, b, samples=samples, batch_size=batch_size, seed=seed, atol=atol,
-                           rtol=rtol, input_shapes=shapes_arg(input_shape), trust=trust)
+        from morphcli.cli.progress import step
+
+        with step(f"loading and checking on {samples} samples", quiet=False,
+                  total=samples) as update:
+            report = run_check(a, b, samples=samples, batch_size=batch_size, seed=seed,
+                               atol=atol, rtol=rtol, input_shapes=shapes_arg(input_shape),
+                               trust=trust, progress=update)
         if as_json:
             print_json(report.to_json())
         else:

@@ -44,6 +44,7 @@ def deepen(
     output: mc.OutputOpt = None,
     force: mc.Force = False,
     no_check: mc.NoCheck = False,
+    full_size: mc.FullSize = False,
     dry_run: mc.DryRun = False,
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
@@ -66,7 +67,8 @@ def deepen(
         mc.run_morph_command(
             kind="deepen", model=model, morph=deepen_graph, options=options,
             loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape), output=output,
-            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol),
+            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol,
+                                   full_size),
             force=force, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from morphcli.cli import options as o
-from morphcli.cli.console import handled, info, print_json
+from morphcli.cli.console import handled, info, print_json, refuse_json_with_stdout_model
 from morphcli.cli.loading import LoadOptions
 
 
@@ -22,16 +22,15 @@ def export(
 ) -> None:
     """Write MODEL in another format, verified against the source before success is reported."""
     with handled(debug):
+        from morphcli.cli.progress import step
         from morphcli.writing import write_verified
 
-        if as_json and output == "-":
-            from morphcli.errors import InputError
-
-            raise InputError("-o - writes the model to stdout, where --json would print too; "
-                             "drop one of them")
+        refuse_json_with_stdout_model(output, as_json)
         loading = LoadOptions.of(arch, arch_kwargs, trust, input_shape)
-        gm = loading.load(model)
-        result = write_verified(gm, output, source=model)
+        with step(f"loading {model}", quiet=quiet):
+            gm = loading.load(model)
+        with step(f"exporting and verifying {'stdout' if output == '-' else output}", quiet=quiet):
+            result = write_verified(gm, output, source=model)
         if as_json:
             print_json(result)
         elif output != "-":

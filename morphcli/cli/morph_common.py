@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from morphcli.cli.console import err, info, print_json
+from morphcli.cli.console import err, info, print_json, refuse_json_with_stdout_model
 from morphcli.cli.loading import LoadOptions
 from morphcli.errors import EXIT_NOT_EQUIVALENT, InputError
 
@@ -20,6 +20,10 @@ Force = Annotated[bool, typer.Option("--force", help="Write the result even if t
 NoCheck = Annotated[bool, typer.Option("--no-check", help="Skip the equivalence check.",
                                        rich_help_panel="Checking")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
+FullSize = Annotated[bool, typer.Option(
+    "--full-size", help="Check at the stored input size. By default an image-like input is "
+    "shrunk (by a power of two) while every convolution and pooling weight still meets data, "
+    "which makes the check much cheaper.", rich_help_panel="Checking")]
 
 
 def run_morph_command(
@@ -37,16 +41,26 @@ def run_morph_command(
     quiet: bool,
 ) -> None:
     """Shared body of ``deepen``, ``widen`` and ``swap`` (call inside ``handled``)."""
+    from dataclasses import replace
+
+    from morphcli.cli.progress import step
     from morphcli.morphs.runner import apply_morph
     from morphcli.writing import write_verified
 
-    gm = loading.load(model)
     dest = output or default_output(model, kind)
-    if not dry_run and dest != "-":
+    if not dry_run:
+        refuse_json_with_stdout_model(dest, as_json, default=output is None)
+    with step(f"loading {model}", quiet=quiet):
+        gm = loading.load(model)
+    if not dry_run and dest != "-":  # every output check before the (slow) morph
         from morphcli.io.atomic import check_output_path
+        from morphcli.io.formats import output_format
 
+        output_format(Path(dest))
         check_output_path(Path(dest), (Path(model),) if model != "-" else ())
-    new, result = apply_morph(morph, gm, options, check)
+    what = f"{kind} and check on {check.samples} samples" if check.enabled else kind
+    with step(what, quiet=quiet, total=check.samples if check.enabled else None) as update:
+        new, result = apply_morph(morph, gm, options, replace(check, progress=update))
     doc: dict[str, Any] = {"plan": result.to_json(), "output": None}
     if dry_run:
         _report(result, quiet or as_json, plan_only=True)
@@ -60,7 +74,8 @@ def run_morph_command(
             print_json(doc)
         err.print(_not_equivalent_message(result), markup=False, highlight=False)
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
-    written = write_verified(new, dest, source=model)
+    with step(f"writing and verifying {'stdout' if dest == '-' else dest}", quiet=quiet):
+        written = write_verified(new, dest, source=model)
     doc["output"] = written["output"]
     doc["export_check"] = written["check"]
     if as_json:
@@ -72,11 +87,14 @@ def run_morph_command(
 
 
 def _not_equivalent_message(result: Any) -> str:
+    diff = result.check.max_abs
+    if diff != diff:  # NaN: no tolerance and no --force can make such a model pass
+        return (f"error: the check cannot pass: {result.check.reason} (does the input model "
+                "hold NaN or Inf weights?); nothing was written")
     if result.exact:
         return ("error: the morphed model is not equivalent to the original; nothing was "
                 "written (widen --atol or pass --force to write it anyway)")
     # Approximate by request (--noise, --approx): failing the default tolerance is expected.
-    diff = result.check.max_abs
     return (f"error: this morph is approximate by request and changes the output by up to "
             f"{diff:.3g} (max abs), beyond the tolerance; nothing was written (pass --atol "
             f"{_round_up(diff)} to accept that difference, or --force to write it anyway)")
@@ -136,9 +154,9 @@ def _fmt(v: Any) -> str:
 
 
 def check_options(no_check: bool, samples: int, batch_size: int, seed: int, atol: float,
-                  rtol: float) -> Any:
+                  rtol: float, full_size: bool = False) -> Any:
     from morphcli.morphs.runner import CheckOptions
 
     if samples < 1 or batch_size < 1:
         raise InputError("--samples and --batch-size must be at least 1")
-    return CheckOptions(not no_check, samples, batch_size, seed, atol, rtol)
+    return CheckOptions(not no_check, samples, batch_size, seed, atol, rtol, full_size)

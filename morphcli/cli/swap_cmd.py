@@ -31,6 +31,7 @@ def swap(
     output: mc.OutputOpt = None,
     force: mc.Force = False,
     no_check: mc.NoCheck = False,
+    full_size: mc.FullSize = False,
     dry_run: mc.DryRun = False,
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
@@ -52,7 +53,8 @@ def swap(
         mc.run_morph_command(
             kind="swap", model=model, morph=swap_graph, options=SwapOptions(layer, to, approx),
             loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape), output=output,
-            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol),
+            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol,
+                                   full_size),
             force=force, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 

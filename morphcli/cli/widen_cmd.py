@@ -34,6 +34,7 @@ def widen(
     output: mc.OutputOpt = None,
     force: mc.Force = False,
     no_check: mc.NoCheck = False,
+    full_size: mc.FullSize = False,
     dry_run: mc.DryRun = False,
     samples: o.Samples = DEFAULT_SAMPLES,
     batch_size: o.BatchSize = DEFAULT_BATCH_SIZE,
@@ -56,7 +57,8 @@ def widen(
             kind="widen", model=model, morph=widen_graph,
             options=WidenOptions(layer, to, by, factor, init, noise, kernel, seed),
             loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape), output=output,
-            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol),
+            check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol,
+                                   full_size),
             force=force, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from morphcli.equivalence.compare import compare
+from morphcli.equivalence.compare import Progress, compare
 from morphcli.equivalence.report import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZE,
@@ -30,6 +30,7 @@ def check(
     rtol: float = DEFAULT_RTOL,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     trust: bool = False,
+    progress: Progress | None = None,
 ) -> CheckReport:
     """Run ``a`` and ``b`` in eval mode on the same seeded random inputs and compare outputs.
 
@@ -45,4 +46,4 @@ def check(
         if isinstance(m, nn.Module):
             m.eval()
     return compare(run_a, run_b, specs, samples=samples, batch_size=batch_size, seed=seed,
-                   atol=atol, rtol=rtol)
+                   atol=atol, rtol=rtol, progress=progress)

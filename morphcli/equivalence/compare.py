@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,6 +11,9 @@ from morphcli.equivalence.report import INPUT_SCALES, CheckReport, OutputDiff
 from morphcli.errors import InputError
 from morphcli.graph.inputs import InputSpec, example_inputs
 from morphcli.io.checkpoint import Runner
+
+# A progress callback: (units done, units in all).
+Progress = Callable[[int, int], None]
 
 
 def compare(
@@ -23,8 +26,11 @@ def compare(
     seed: int,
     atol: float,
     rtol: float,
+    progress: Progress | None = None,
 ) -> CheckReport:
-    """Worst case over all outputs and batches; NaN/Inf or a shape mismatch is never equivalent."""
+    """Worst case over all outputs and batches; NaN/Inf or a shape mismatch is never equivalent.
+
+    ``progress(done, total)`` is called after each batch (for a progress bar)."""
     if samples < 1 or batch_size < 1:
         raise InputError("--samples and --batch-size must be at least 1")
     worst: dict[int, OutputDiff] = {}
@@ -48,6 +54,8 @@ def compare(
                 worst[i] = diff
         done += n
         batch += 1
+        if progress is not None:
+            progress(done, samples)
     diffs = [worst[i] for i in sorted(worst)]
     max_abs = max((d.max_abs for d in diffs), default=0.0, key=_nan_high)
     max_rel = max((d.max_rel for d in diffs), default=0.0, key=_nan_high)

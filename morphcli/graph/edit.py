@@ -6,7 +6,11 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.graph.inputs import INPUTS_META
-from morphcli.graph.trace import propagate_shapes
+from morphcli.graph.shapes import snapshot
+from morphcli.graph.trace import propagate_shapes, refresh_shapes
+
+# Where clone_structure leaves the original's node signatures for finish (popped there).
+_BEFORE = "morphcli.before_edit"
 
 
 def clone_structure(gm: fx.GraphModule) -> fx.GraphModule:
@@ -18,9 +22,10 @@ def clone_structure(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, env)
-    graph.output(output)
+    graph.output(output).meta = dict(gm.graph.output_node().meta)  # graph_copy skips it
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
+    new.meta[_BEFORE] = snapshot(gm)
     return new
 
 
@@ -50,8 +55,13 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.eval()  # new layers are built in train mode; the result is run and checked in eval mode
+    before = gm.meta.pop(_BEFORE, None)
     if gm.meta.get(INPUTS_META):
-        propagate_shapes(gm)
+        # Only the edited part needs new shapes: a full pass costs a forward of the whole model.
+        if before is not None:
+            refresh_shapes(gm, before)
+        else:
+            propagate_shapes(gm)
     return gm
 
 

@@ -13,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from morphcli.errors import InputError, TraceError
 from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
+from morphcli.graph.shapes import Snapshot, infer, refresh
 
 
 class _Tracer(fx.Tracer):
@@ -74,6 +75,11 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
             f"the model takes {n_placeholders} input(s) but {len(specs)} input shape(s) were "
             "given; pass one --input-shape per input"
         )
+    try:
+        infer(gm, specs)  # without a forward pass of the whole model
+        return
+    except Exception:
+        pass  # ShapeProp below runs the model, and says where and why it fails
     prop = _ShapeProp(gm)
     with torch.no_grad():
         try:
@@ -102,3 +108,18 @@ class _ShapeProp(ShapeProp):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- after an edit
+
+
+def refresh_shapes(gm: fx.GraphModule, before: Snapshot) -> None:
+    """Shapes after an edit of a graph recorded by ``snapshot`` before it: only the
+    changed part is recomputed (see ``morphcli.graph.shapes``)."""
+    specs = gm.meta.get(INPUTS_META)
+    if not specs:
+        return
+    try:
+        refresh(gm, specs, before)
+    except Exception:
+        propagate_shapes(gm)  # from scratch; says which node fails and how

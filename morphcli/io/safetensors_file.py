@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import struct
+import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.fx as fx
@@ -36,14 +41,71 @@ def read_safetensors(source: str, data: Path | bytes) -> Checkpoint:
         desc = json.loads(text)
     except ValueError as e:
         raise InputError(f"{source}: damaged architecture metadata (not JSON)") from e
-    return Checkpoint(source, graph_module=rebuild(desc, tensors), kind="morphcli safetensors")
+    return Checkpoint(source, graph_module=rebuild(desc, tensors, source),
+                      kind="morphcli safetensors")
 
 
 def write_safetensors(gm: fx.GraphModule, dest: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(_unshared(state_tensors(gm)), str(dest),
-              metadata={METADATA_KEY: json.dumps(describe(gm), sort_keys=True)})
+    metadata = {METADATA_KEY: json.dumps(describe(gm), sort_keys=True)}
+    tensors = state_tensors(gm)
+    if _streamable(tensors):
+        with dest.open("wb") as f:
+            _stream(tensors, metadata, f)
+        return
+    tensors = _unshared(tensors)
+    try:
+        save_file(tensors, str(dest), metadata=metadata)
+    except Exception as e:
+        # safetensors reports a failed write (full disk) as SafetensorError("... (os error N)");
+        # as an OSError, the atomic writer turns it into a clear "cannot write" error.
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from e
+
+
+# The format's dtype names (safetensors.torch's table, for the dtypes torch always has), in
+# the order the library lays tensors out (then by name): the same files, byte for byte.
+_DTYPE_NAMES = {
+    torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_RANK = {dtype: i for i, dtype in enumerate(_DTYPE_NAMES)}
+
+
+def _streamable(tensors: dict[str, torch.Tensor]) -> bool:
+    return sys.byteorder == "little" and all(
+        t.dtype in _DTYPE_NAMES and t.device.type == "cpu" for t in tensors.values())
+
+
+def _stream(tensors: dict[str, torch.Tensor], metadata: dict[str, str], f: BinaryIO) -> None:
+    """Write the safetensors format tensor by tensor from the model's own memory.
+
+    The library's ``save_file`` refuses tensors that share memory (tied weights, views), so
+    they had to be cloned first, a second copy of each; here every tensor is written from the
+    model's own memory and only a non-contiguous one is copied, one at a time. The bytes are
+    the library's (same header, order and alignment).
+    """
+    order = sorted(tensors, key=lambda k: (_RANK[tensors[k].dtype], k))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the format asks
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    for k in order:
+        t = tensors[k].detach().contiguous()
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def to_bytes(gm: fx.GraphModule) -> bytes:
@@ -68,8 +130,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _metadata_of_bytes(data: bytes) -> dict[str, str]:
-    import struct
-
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     return header.get("__metadata__", {}) or {}

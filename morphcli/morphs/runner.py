@@ -10,8 +10,15 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from morphcli.equivalence.compare import compare
-from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
+from morphcli.equivalence.compare import Progress, compare
+from morphcli.equivalence.report import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+    CheckReport,
+)
+from morphcli.equivalence.sizing import reduced
 from morphcli.errors import InputError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.io.checkpoint import torch_runner
@@ -29,6 +36,8 @@ class CheckOptions:
     seed: int = 0
     atol: float = DEFAULT_ATOL
     rtol: float = DEFAULT_RTOL
+    full_size: bool = False  # never check at a reduced input size (equivalence.sizing)
+    progress: Progress | None = None  # called with (samples done, samples in all)
 
 
 def apply_morph(
@@ -38,13 +47,30 @@ def apply_morph(
     it. The verdict is in ``result.check``; deciding what to do about it is the caller's."""
     new, result = morph(gm, options)
     if check.enabled:
-        specs = gm.meta.get(INPUTS_META)
-        if not specs:
-            raise InputError("the model has no input shape to check with; pass --input-shape")
-        result.check = compare(torch_runner(gm), torch_runner(new), specs,
-                               samples=check.samples, batch_size=check.batch_size,
-                               seed=check.seed, atol=check.atol, rtol=check.rtol)
+        result.check, note = check_morph(gm, new, check)
+        if note:
+            result.notes.append(note)
     return new, result
+
+
+def check_morph(gm: fx.GraphModule, new: fx.GraphModule,
+                check: CheckOptions = CheckOptions()) -> tuple[CheckReport, str | None]:
+    """Run ``gm`` and ``new`` side by side on seeded random inputs; also returns a note when the
+    check ran at a reduced input size (see ``equivalence.sizing``)."""
+    specs = gm.meta.get(INPUTS_META)
+    if not specs:
+        raise InputError("the model has no input shape to check with; pass --input-shape")
+    small = None if check.full_size else reduced((gm, new), specs)
+    note = None
+    if small is not None:
+        note = (f"checked at input {' '.join(s.text() for s in small)} instead of "
+                f"{' '.join(s.text() for s in specs)}: at that size every convolution and "
+                "pooling window still meets data with every weight (--full-size: check at the "
+                "stored size)")
+    report = compare(torch_runner(gm), torch_runner(new), small or specs,
+                     samples=check.samples, batch_size=check.batch_size, seed=check.seed,
+                     atol=check.atol, rtol=check.rtol, progress=check.progress)
+    return report, note
 
 
 def as_graph_module(model: nn.Module | str | Path,

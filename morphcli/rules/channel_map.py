@@ -68,7 +68,7 @@ def grow_outputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
                  gen: torch.Generator, noise: float = 0.0, is_bias: bool = False) -> torch.Tensor:
     """Rows of a producer: copies of their source units (copy), or fresh random units at the
     scale of the existing ones (zero; biases of new units start at 0)."""
-    out = t.detach().index_select(axis, cmap.src).clone()
+    out = t.detach().index_select(axis, cmap.src)  # a new tensor: the only full-size copy
     new_idx = cmap.new.nonzero().flatten()
     if new_idx.numel() == 0:
         return out
@@ -88,14 +88,14 @@ def grow_inputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
                 gen: torch.Generator, noise: float = 0.0) -> torch.Tensor:
     """Columns of a consumer: divided by the replication count (copy), or zero for new units
     (zero), so the layer's output is unchanged."""
-    out = t.detach().index_select(axis, cmap.src).clone()
+    out = t.detach().index_select(axis, cmap.src)  # a new tensor, changed in place below
     shape = [1] * out.dim()
     shape[axis] = -1
-    if init == COPY:
-        out = out / cmap.counts().index_select(0, cmap.src).to(out.dtype).reshape(shape)
-    else:
-        out = out * (~cmap.new).to(out.dtype).reshape(shape)
     new_idx = cmap.new.nonzero().flatten()
+    if init == COPY:
+        out.div_(cmap.counts().index_select(0, cmap.src).to(out.dtype).reshape(shape))
+    else:
+        out.index_fill_(axis, new_idx, 0)
     if noise and new_idx.numel():
         sl = out.index_select(axis, new_idx)
         out.index_copy_(axis, new_idx, sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise)
@@ -104,7 +104,7 @@ def grow_inputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
 
 def follow(t: torch.Tensor, axis: int, cmap: ChannelMap) -> torch.Tensor:
     """Per-channel parameters and statistics follow the map (BatchNorm, depthwise filters)."""
-    return t.detach().index_select(axis, cmap.src).clone()
+    return t.detach().index_select(axis, cmap.src)
 
 
 def shallow_copy(m: nn.Module) -> nn.Module:

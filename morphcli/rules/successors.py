@@ -35,10 +35,9 @@ def conv_type(spatial_dims: int) -> type[nn.Module] | None:
 def identity_linear(cls: type[nn.Module], features: int, kernel: int,
                     dtype: torch.dtype) -> nn.Module:
     """``Linear(F, F)`` with weight I and bias 0 (``kernel`` does not apply)."""
-    layer = nn.Linear(features, features, dtype=dtype)
+    layer = _zeroed(nn.Linear, features, features, dtype=dtype)
     with torch.no_grad():
-        layer.weight.copy_(torch.eye(features, dtype=dtype))
-        layer.bias.zero_()
+        layer.weight.fill_diagonal_(1)
     return layer
 
 
@@ -48,7 +47,7 @@ def identity_conv(cls: type[nn.Module], channels: int, kernel: int,
     """A stride-1, same-padded ``kernel``-wide convolution whose centre tap is I."""
     layer = _centred_conv(cls, channels, kernel, dtype)
     with torch.no_grad():
-        _centre(layer.weight).copy_(torch.eye(channels, dtype=dtype))
+        _centre(layer.weight).fill_diagonal_(1)
     return layer
 
 
@@ -110,11 +109,24 @@ def _re_expressed(layer: nn.Linear | _ConvNd, q: torch.Tensor) -> nn.Linear | _C
 
 def _centred_conv(cls: type[nn.Module], channels: int, kernel: int,
                   dtype: torch.dtype) -> _ConvNd:
-    layer = cls(channels, channels, kernel, padding=kernel // 2, dtype=dtype)
+    layer = _zeroed(cls, channels, channels, kernel, padding=kernel // 2, dtype=dtype)
     assert isinstance(layer, _ConvNd) and layer.bias is not None
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.bias.zero_()
+    return layer
+
+
+def _zeroed(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Module:
+    """A new layer with all-zero tensors, built without its random initialisation (for a
+    Linear(8192, 8192) that is a second of random numbers and an extra copy of the weight)."""
+    with torch.device("meta"):
+        layer = cls(*args, **kwargs)
+    for m in layer.modules():  # (not to_empty: on meta tensors it imports sympy, 0.3 s)
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype),
+                                                   requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
     return layer
 
 
