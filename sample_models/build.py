@@ -17,7 +17,8 @@ HERE = Path(__file__).resolve().parent
 
 
 class CNN(nn.Module):
-    """conv1..conv4 with BatchNorm and one shared ReLU module, pooling, flatten, fc1, fc2. Input (1, 3, 32, 32)."""
+    """conv1..conv4 with BatchNorm and one shared ReLU module, pooling, flatten, fc1, fc2.
+    Input (1, 3, 32, 32)."""
 
     def __init__(self) -> None:
         super().__init__()

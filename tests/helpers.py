@@ -66,7 +66,7 @@ def assert_equivalent(
     out_a, out_b = outputs_of(a, inputs), outputs_of(b, inputs)
     assert len(out_a) == len(out_b), f"{len(out_a)} outputs vs {len(out_b)}"
     worst = 0.0
-    for i, (x, y) in enumerate(zip(out_a, out_b)):
+    for i, (x, y) in enumerate(zip(out_a, out_b, strict=True)):
         assert x.shape == y.shape, f"output {i}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
         assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"output {i} is not finite"
         diff = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
@@ -85,7 +85,7 @@ def onnx_callable(path: Path) -> Callable[..., torch.Tensor]:
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
-        feed = {n: t.numpy() for n, t in zip(names, inputs)}
+        feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
         outs = [torch.from_numpy(o) for o in session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.cli import options as o
 from morphcli.cli.console import err, handled, print_json
+from morphcli.equivalence.report import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+)
 from morphcli.errors import EXIT_NOT_EQUIVALENT
 
 
@@ -25,8 +30,8 @@ def check(
 ) -> None:
     """Compare A and B on the same seeded random inputs (either may be .onnx or .pt2)."""
     with handled(debug):
-        from morphcli.equivalence.api import check as run_check
         from morphcli.cli.console import shapes_arg
+        from morphcli.equivalence.api import check as run_check
 
         if a == "-" and b == "-":
             from morphcli.errors import InputError

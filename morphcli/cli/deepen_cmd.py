@@ -6,11 +6,16 @@ from typing import Annotated
 
 import typer
 
-from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.cli import morph_common as mc
 from morphcli.cli import options as o
 from morphcli.cli.console import handled
 from morphcli.cli.loading import LoadOptions
+from morphcli.equivalence.report import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+)
 
 After = Annotated[str, typer.Option(
     "--after", help="The layer whose output the new layer reads (module path, path@N for one "

@@ -34,7 +34,8 @@ def export(
         if as_json:
             print_json(result)
         elif output != "-":
-            info(f"wrote {result['output']} ({result['format']}); {result['check']['summary']}", quiet)
+            info(f"wrote {result['output']} ({result['format']}); "
+                 f"{result['check']['summary']}", quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -33,7 +33,8 @@ def inspect(
 def _print_table(model: str, summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{model}  inputs {', '.join(_shape(i['shape']) for i in summary['inputs'])}")
+    inputs = ", ".join(_shape(i["shape"]) for i in summary["inputs"])
+    table = Table(title=f"{model}  inputs {inputs}")
     for col, justify in (("#", "right"), ("layer", "left"), ("type", "left"), ("input", "left"),
                          ("output", "left"), ("params", "right"), ("morphs", "left")):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]

@@ -6,11 +6,16 @@ from typing import Annotated
 
 import typer
 
-from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.cli import morph_common as mc
 from morphcli.cli import options as o
 from morphcli.cli.console import handled
 from morphcli.cli.loading import LoadOptions
+from morphcli.equivalence.report import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+)
 
 LayerArg = Annotated[str, typer.Argument(
     help="The activation: module path (all its call sites), path@N (one site) or the node name "

@@ -2,35 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from morphcli.equivalence.report import DEFAULT_ATOL, DEFAULT_BATCH_SIZE, DEFAULT_RTOL, DEFAULT_SAMPLES
 from morphcli.cli import morph_common as mc
 from morphcli.cli import options as o
 from morphcli.cli.console import handled
 from morphcli.cli.loading import LoadOptions
+from morphcli.equivalence.report import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RTOL,
+    DEFAULT_SAMPLES,
+)
 
 Layer = Annotated[str, typer.Argument(help="The layer to widen (Linear, Conv, ConvTranspose, "
-                                      "Embedding), as 'morph inspect' names it.", show_default=False)]
+                                      "Embedding), as 'morph inspect' names it.",
+                                      show_default=False)]
 
 
 def widen(
     model: o.ModelArg,
     layer: Layer,
-    to: Annotated[Optional[int], typer.Option("--to", help="New number of units.")] = None,
-    by: Annotated[Optional[int], typer.Option("--by", help="Units to add.")] = None,
-    factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the width.")] = None,
-    init: Annotated[str, typer.Option(
-        "--init", help="zero: new units get random inputs and zero outgoing weights (Network "
-        "Morphism); copy: new units copy existing ones and consumers divide (Net2WiderNet).")] = "zero",
-    noise: Annotated[float, typer.Option("--noise", help="Symmetry-breaking noise (std) on the "
-                                         "new units' weights only; makes the morph approximate.",
-                                         min=0.0)] = 0.0,
-    kernel: Annotated[Optional[int], typer.Option(
-        "--kernel", help="Also grow this convolution's kernel to K (zero-padded, padding "
-        "adjusted).")] = None,
+    to: Annotated[int | None, typer.Option("--to", help="New number of units.")] = None,
+    by: Annotated[int | None, typer.Option("--by", help="Units to add.")] = None,
+    factor: Annotated[float | None, typer.Option("--factor", help="Multiply the width.")] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            "--init",
+            help="zero: new units get random inputs and zero outgoing weights (Network "
+            "Morphism); copy: new units copy existing ones and consumers divide (Net2WiderNet).",
+        ),
+    ] = "zero",
+    noise: Annotated[
+        float,
+        typer.Option(
+            "--noise",
+            help="Symmetry-breaking noise (std) on the "
+            "new units' weights only; makes the morph approximate.",
+            min=0.0,
+        ),
+    ] = 0.0,
+    kernel: Annotated[
+        int | None,
+        typer.Option(
+            "--kernel",
+            help="Also grow this convolution's kernel to K (zero-padded, padding adjusted).",
+        ),
+    ] = None,
     output: mc.OutputOpt = None,
     force: mc.Force = False,
     no_check: mc.NoCheck = False,

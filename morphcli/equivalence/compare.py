@@ -45,7 +45,7 @@ def compare(
         if len(out_a) != len(out_b):
             reason = f"the models return {len(out_a)} and {len(out_b)} outputs"
             break
-        for i, (a, b) in enumerate(zip(out_a, out_b)):
+        for i, (a, b) in enumerate(zip(out_a, out_b, strict=True)):
             diff = _diff(i, a, b)
             if diff.max_abs != diff.max_abs or diff.shape_a != diff.shape_b:
                 reason = reason or _why(diff)
@@ -101,7 +101,8 @@ def _worse(d: OutputDiff, prev: OutputDiff, atol: float, rtol: float) -> bool:
 
 def _why(d: OutputDiff) -> str:
     if d.shape_a != d.shape_b:
-        return f"output {d.index} has shape {tuple(d.shape_a)} in one model, {tuple(d.shape_b)} in the other"
+        return (f"output {d.index} has shape {tuple(d.shape_a)} in one model, "
+                f"{tuple(d.shape_b)} in the other")
     return f"output {d.index} contains NaN or Inf"
 
 

@@ -27,7 +27,7 @@ _OPERATOR_EXCLUDED = {"attrgetter", "methodcaller", "itemgetter", "call"}
 # Tensor methods that leave tensor maths (storage, numpy, hooks, autograd) are excluded.
 _METHODS_EXCLUDED = {
     "numpy", "tolist", "storage", "untyped_storage", "share_memory_", "register_hook",
-    "register_post_accumulate_grad_hook", "backward", "data_ptr", "pin_memory", "tolist",
+    "register_post_accumulate_grad_hook", "backward", "data_ptr", "pin_memory",
 }
 
 

@@ -104,7 +104,8 @@ def _describe_module(path: str, m: nn.Module) -> dict[str, Any]:
         elif p.default is not p.empty:
             continue
         else:
-            raise DescribeError(f"layer {path!r} ({name}): cannot read constructor argument {arg!r}")
+            raise DescribeError(
+                f"layer {path!r} ({name}): cannot read constructor argument {arg!r}")
         if isinstance(value, (torch.Tensor, nn.Module)):
             continue  # tensors travel in the state_dict; submodules are rebuilt by the layer
         args[arg] = _encode(value, where=f"layer {path!r} argument {arg!r}")

@@ -22,7 +22,7 @@ def resolve_inputs(
                 f"the model takes {len(placeholders)} input(s) but {len(shapes)} "
                 "--input-shape value(s) were given"
             )
-        return tuple(_spec_for(module, p, s) for p, s in zip(placeholders, shapes))
+        return tuple(_spec_for(module, p, s) for p, s in zip(placeholders, shapes, strict=True))
     return tuple(_inferred(module, p) for p in placeholders)
 
 
@@ -51,7 +51,8 @@ def _inferred(module: nn.Module, node: fx.Node) -> InputSpec:
     )
     if isinstance(layer, nn.Linear) and direct:
         return InputSpec((1, layer.in_features))
-    what = f"its first layer is {type(layer).__name__}" if layer is not None else "no layer reads it"
+    what = (f"its first layer is {type(layer).__name__}" if layer is not None
+            else "no layer reads it")
     raise InputError(
         f"cannot infer the shape of input {node.name!r} ({what}); "
         "pass --input-shape, e.g. --input-shape 1,3,32,32"

@@ -66,7 +66,8 @@ def find_layer(gm: fx.GraphModule, name: str) -> list[Layer]:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     if not close:
         close = [n for n in names if name in n][:3]
-    hint = f"; did you mean {', '.join(close)}?" if close else "; 'morph inspect MODEL' lists the layers"
+    hint = (f"; did you mean {', '.join(close)}?" if close
+            else "; 'morph inspect MODEL' lists the layers")
     raise LayerNotFoundError(f"no layer named {name!r}{hint}")
 
 
@@ -74,8 +75,8 @@ def find_one_layer(gm: fx.GraphModule, name: str) -> Layer:
     """Like find_layer, but a module called at several sites must be narrowed with ``@N``."""
     sites = find_layer(gm, name)
     if len(sites) > 1:
-        listing = ", ".join(f"{s.name} (feeds {', '.join(u.name for u in s.node.users) or 'output'})"
-                            for s in sites)
+        feeds = [", ".join(u.name for u in s.node.users) or "output" for s in sites]
+        listing = ", ".join(f"{s.name} (feeds {f})" for s, f in zip(sites, feeds, strict=True))
         raise AmbiguousLayerError(
             f"layer {name!r} is called at {len(sites)} places: {listing}; name one, e.g. "
             f"{sites[0].name}"

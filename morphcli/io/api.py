@@ -115,7 +115,8 @@ def read_checkpoint(
     try:
         return fmt.read(name, path, trust)
     except InputError as e:
-        if actual and actual != fmt.suffix and not (actual == ".pt" and fmt.suffix in (".pt2", ".pth")):
+        also_pt = actual == ".pt" and fmt.suffix in (".pt2", ".pth")
+        if actual and actual != fmt.suffix and not also_pt:
             raise InputError(f"{e} (the content looks like a {actual} file: wrong suffix?)") from e
         raise
 

@@ -30,7 +30,8 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``build_arch("torchvision.models:resnet18", {"num_classes": 10})`` -> the model."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise InputError(f"bad --arch {spec!r}: expected MODULE:CALLABLE, e.g. torchvision.models:resnet18")
+        raise InputError(f"bad --arch {spec!r}: expected MODULE:CALLABLE, "
+                         "e.g. torchvision.models:resnet18")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -50,4 +51,3 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch: {spec} returned {type(model).__name__}, not an nn.Module")
     return model
-

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from morphcli.errors import InputError
-from morphcli.graph.describe import describe, rebuild, state_tensors
+from morphcli.graph.describe import describe, rebuild
 from morphcli.graph.inputs import INPUTS_META, InputSpec, checked_shape, example_inputs
 from morphcli.io.atomic import latched
 from morphcli.io.checkpoint import Checkpoint, torch_runner, warn_if_not_finite
@@ -134,7 +134,8 @@ def _onnx_proto(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], specs: Seque
         buf = io.BytesIO()
         with _quiet():
             torch.onnx.export(gm, args, buf, dynamo=False, input_names=names,
-                              dynamic_axes={n: {0: "batch"} for n, s in zip(names, specs) if s.shape},
+                              dynamic_axes={n: {0: "batch"}
+                                            for n, s in zip(names, specs, strict=True) if s.shape},
                               opset_version=ONNX_OPSET)
         return onnx.load_model_from_string(buf.getvalue())
     except Exception as e:
@@ -146,7 +147,8 @@ def read_onnx(source: str, data: Path | bytes) -> Checkpoint:
     import onnx
 
     try:
-        proto = onnx.load_model_from_string(data) if isinstance(data, bytes) else onnx.load(str(data))
+        proto = (onnx.load_model_from_string(data) if isinstance(data, bytes)
+                 else onnx.load(str(data)))
         onnx.checker.check_model(proto)
     except Exception as e:
         raise InputError(f"{source}: not a valid ONNX model: {_reason(e)}") from e
@@ -211,7 +213,7 @@ def _onnx_runner(proto: Any):
     names = [i.name for i in session.get_inputs()]
 
     def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
         return [torch.from_numpy(o) for o in session.run(None, feed)]
 
     return run

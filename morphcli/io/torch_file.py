@@ -174,7 +174,8 @@ def _unsafe_globals(data: BinaryIO | Path, e: Exception) -> list[str]:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(data)  # type: ignore[arg-type]
     except Exception:
         names = []
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals() if hasattr(g, "__qualname__")}
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()
+               if hasattr(g, "__qualname__")}
     names = [n for n in names if n not in allowed]
     if not names:
         names = _GLOBAL_IN_MESSAGE.findall(str(e))
