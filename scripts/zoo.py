@@ -75,7 +75,7 @@ def build(name: str, trust_pickle: bool = False) -> fx.GraphModule:
     kwargs, shape = MODELS[name]
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-    _trained_batchnorm(model)
+    _trained_like(model)
     buf = io.BytesIO()
     torch.save(model if trust_pickle else model.state_dict(), buf)
     from morphcli.io.api import to_graph_module
@@ -87,12 +87,23 @@ def build(name: str, trust_pickle: bool = False) -> fx.GraphModule:
                            arch_kwargs=kwargs, input_shapes=[shape])
 
 
-def _trained_batchnorm(model: torch.nn.Module) -> None:
+def _trained_like(model: torch.nn.Module) -> None:
+    """Make every weight matter to the output, as training would.
+
+    A fresh torchvision model starts some tensors at a constant: ViT's classification head and
+    class token at zero (so the output is 0 whatever the body computes and every check passes
+    vacuously), ConvNeXt's layer scales at 1e-6 (so a wrong residual branch moves the output by
+    1e-6 of its scale, inside the tolerance), BatchNorm and LayerNorm at 1 and 0 with unit
+    statistics (so a wrong channel order goes unseen). Those get seeded random values."""
     gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and bool((p == p.flatten()[0]).all()):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
 
 
 def candidates(gm: fx.GraphModule, morph: str, limit: int | None, seed: int = 0) -> list[Layer]:
@@ -101,6 +112,28 @@ def candidates(gm: fx.GraphModule, morph: str, limit: int | None, seed: int = 0)
     if limit is not None and len(found) > limit:
         found = sorted(random.Random(seed).sample(found, limit), key=lambda la: found.index(la))
     return found
+
+
+def widen_unlisted(gm: fx.GraphModule) -> tuple[int, Counter]:
+    """Layers of a type widen has a rule for that ``inspect`` does not list for widen: how many
+    there are of that type, and why the coupling analysis refuses each one not listed."""
+    from morphcli.morphs.coupling import analyse
+    from morphcli.rules import registry
+
+    typed, refused = 0, Counter()
+    for la in layers(gm):
+        m = la.module
+        if m is None or registry.lookup("widen_out", m) is None:
+            continue
+        channelwise = registry.lookup("channelwise", m)
+        if channelwise is not None and channelwise.applies(m):
+            continue  # a per-channel layer (depthwise conv): widened with its producer
+        typed += 1
+        try:
+            analyse(gm, la.node)
+        except MorphError as e:
+            refused[reason(str(e))] += 1
+    return typed, refused
 
 
 def run_cell(gm: fx.GraphModule, morph: str, targets: list[Layer],
@@ -154,8 +187,8 @@ def _distinct_target(layer: Layer, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def reason(message: str) -> str:
     """A refusal message without its layer and node names, so equal reasons count together."""
-    text = re.sub(r"'[^']*'", "'…'", message)
-    text = re.sub(r"reach \S+ \(\w+\) at node", "reach a layer at node", text)
+    text = re.sub(r"'[^'\s]*'", "'…'", message)
+    text = re.sub(r"reach \S+ \((\w+)\) at node", r"reach a \1 at node", text)
     text = re.sub(r"^[\w.@]+ is ", "LAYER is ", text)
     return text[:160]
 
