@@ -127,6 +127,19 @@ class StochasticDepth(nn.Module):
         return f"p={self.p}, mode={self.mode!r}"
 
 
+class FeaturesLastBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the last dimension of an (N, ..., F) tensor, as BatchNorm1d does over
+    dimension 1: what ``deepen --norm`` inserts where features come last (transformer tokens,
+    channels-last feature maps), so that it is the identity in eval mode there too."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected a tensor of at least 2 dimensions, got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(-1, 1)).movedim(1, -1)
+
+
 # Foreign layers (by qualified class name) that tracing replaces with an equivalent of ours.
 SUBSTITUTES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "torchvision.ops.stochastic_depth.StochasticDepth": lambda m: StochasticDepth(m.p, m.mode),

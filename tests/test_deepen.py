@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import operator
 from pathlib import Path
@@ -17,7 +18,7 @@ import morphcli
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.graph.layers import AmbiguousLayerError, LayerNotFoundError
-from morphcli.modules import IdentityStartActivation
+from morphcli.modules import FeaturesLastBatchNorm, IdentityStartActivation
 from morphcli.morphs.runner import CheckOptions
 
 NO_CHECK = CheckOptions(enabled=False)
@@ -215,10 +216,27 @@ def test_deepen_follows_rank3_tensors(model: type, layer: str, expected: type) -
         assert isinstance(new.get_submodule("tanh_deep_act"), IdentityStartActivation)
 
 
-def test_deepen_norm_refused_on_token_features() -> None:
-    gm = graph_module(Tokens(), (1, 4, 6))
-    with pytest.raises(UnsupportedMorphError, match="features last"):
-        morphcli.deepen(gm, "proj", norm=True)
+def test_deepen_norm_on_token_features_normalises_the_last_dim(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(Tokens(), (2, 4, 6))
+    new, result = morphcli.deepen(gm, "proj", norm=True)
+    assert result.check.equivalent and result.exact
+    bn = new.get_submodule("proj_deep_bn")
+    assert isinstance(bn, FeaturesLastBatchNorm) and bn.num_features == 8
+    assert_same_function(gm, new)
+    # it normalises the features (last dim) with per-feature statistics in train mode
+    probe = copy.deepcopy(bn).train()  # (train mode updates the running statistics)
+    x = torch.randn(3, 5, 8) * 4 + 2
+    y = probe(x)
+    assert y.shape == x.shape
+    assert torch.allclose(y.mean(dim=(0, 1)), probe.bias.detach(), atol=1e-5)
+    # and widening the Linear it follows carries its statistics along
+    wide, _ = morphcli.widen(new, "proj_deep", by=3, init="copy")
+    assert wide.get_submodule("proj_deep_bn").num_features == 11
+    assert_same_function(gm, wide)
+    out = tmp_path / "tokens.pt"
+    morphcli.save(wide, out)
+    assert morphcli.check(wide, out).equivalent
 
 
 def test_batchnorm_is_identity_in_eval_only() -> None:
@@ -263,8 +281,6 @@ def test_decompose_refuses_after_relu_and_bn() -> None:
         morphcli.deepen(gm, "relu@3", init="decompose")
     with pytest.raises(UnsupportedMorphError, match="bn3 is a BatchNorm2d"):
         morphcli.deepen(gm, "bn3", init="decompose")
-    with pytest.raises(UnsupportedMorphError, match="one output channel per group"):
-        morphcli.deepen(sample_model("resnet"), "depthwise", init="decompose")
 
 
 def test_decompose_grouped_conv_is_block_diagonal() -> None:
@@ -275,6 +291,24 @@ def test_decompose_grouped_conv_is_block_diagonal() -> None:
     q = new.get_submodule("0_deep").weight[:, :, 1, 1]
     assert torch.count_nonzero(q[:3, 3:]) == 0 and torch.count_nonzero(q[3:, :3]) == 0
     assert new.get_submodule("0").groups == 2
+
+
+def test_decompose_depthwise_conv_is_a_diagonal_scaling() -> None:
+    gm = sample_model("resnet")
+    new, result = morphcli.deepen(gm, "depthwise", init="decompose", seed=3)
+    assert result.check.equivalent and result.exact
+    conv = gm.get_submodule("depthwise")
+    q = new.get_submodule("depthwise_deep").weight.detach()[:, :, 1, 1].double()
+    scales = torch.diagonal(q)
+    assert torch.count_nonzero(q - torch.diag(scales)) == 0
+    assert scales.abs().min() >= 0.5 - 1e-6 and scales.abs().max() <= 2 + 1e-6
+    assert (scales < 0).any() and (scales > 0).any()
+    head = new.get_submodule("depthwise")
+    assert head.groups == conv.groups == conv.out_channels  # still depthwise
+    expected = conv.weight.detach().double() / scales.reshape(-1, 1, 1, 1)
+    assert torch.allclose(head.weight.double(), expected, rtol=1e-6)
+    assert any("diagonal" in n for n in result.notes)
+    assert_same_function(gm, new)
 
 
 class SharedConv(nn.Module):

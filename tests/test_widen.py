@@ -6,11 +6,11 @@ import hashlib
 
 import pytest
 import torch
+from conftest import TV_SHAPE, sample_shape
+from helpers import assert_equivalent, run_cli
 from torch import nn
 
 import morphcli
-from conftest import TV_SHAPE, sample_shape
-from helpers import assert_equivalent, run_cli
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.morphs.runner import CheckOptions
@@ -127,7 +127,8 @@ class _Coupled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        squeezed = y.mean((2, 3), keepdim=True)
+        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(squeezed))))
         y = y * gate
         y = self.mix(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.head(y.reshape(-1, 8 * 4 * 4))
@@ -185,11 +186,93 @@ def test_widen_norm_layers_exact_or_refused(norm: nn.Module, ok: bool) -> None:
     same_function(gm, wide)
 
 
-def test_layernorm_over_widened_units_is_refused() -> None:
+class PreNormBlock(nn.Module):
+    """A transformer-style residual stream: x + fc2(gelu(fc1(ln(x)))), then a final LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.ln, self.fc1 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 16)
+        self.fc2, self.ln2, self.head = nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        for norm in (self.ln, self.ln2):  # not the 1 and 0 a fresh LayerNorm starts with
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(h))))
+        return self.head(self.ln2(h))
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """torchvision ConvNeXt's LayerNorm2d: traced into permutes around F.layer_norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        )
+        return x.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("layer,copies", [("inp", 2), ("fc2", 3)])
+def test_layernorm_over_widened_units_copies_every_unit_equally(
+    layer: str, copies: int, init: str
+) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with pytest.raises(UnsupportedMorphError, match="LayerNorm normalises over the widened"):
-        morphcli.widen(graph_module(model, (2, 4)), "0", by=2, check=NO_CHECK)
+    gm = graph_module(PreNormBlock(), (2, 5, 6))
+    wide, result = morphcli.widen(gm, layer, to=8 * copies, init=init)
+    assert result.check.equivalent and result.exact
+    same_function(gm, wide)
+    # the whole residual stream widens together, both norms follow the map
+    for name in ("inp", "fc2"):
+        assert wide.get_submodule(name).out_features == 8 * copies
+    for name in ("ln", "ln2"):
+        norm = wide.get_submodule(name)
+        assert norm.normalized_shape == (8 * copies,)
+        assert torch.equal(norm.weight, gm.get_submodule(name).weight.repeat(copies))
+    # new units equal their source going in; going out they are zero (zero) or share (copy)
+    rows = wide.get_submodule(layer).weight.detach()
+    assert torch.equal(rows[8:16], rows[:8])
+    cols = wide.get_submodule("fc1").weight.detach()
+    old_cols = gm.get_submodule("fc1").weight.detach()
+    if init == "zero":
+        assert torch.equal(cols[:, :8], old_cols) and torch.count_nonzero(cols[:, 8:]) == 0
+    else:
+        assert torch.allclose(cols[:, :8] * copies, old_cols)
+    assert any(f"copied {copies} times" in note for note in result.notes)
+
+
+def test_layernorm_needs_a_multiple_of_the_width() -> None:
+    gm = graph_module(PreNormBlock(), (2, 5, 6))
+    with pytest.raises(UnsupportedMorphError, match="multiple of 8 \\(e.g. --factor 2\\)"):
+        morphcli.widen(gm, "inp", by=2, check=NO_CHECK)
+    # a layer whose units the norms do not see is free to grow by any amount
+    wide, _ = morphcli.widen(gm, "fc1", by=3, check=NO_CHECK)
+    same_function(gm, wide)
+
+
+def test_layernorm_over_units_and_another_axis_is_refused() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 5, 5]), nn.Flatten(), nn.Linear(100, 2)
+    )
+    with pytest.raises(UnsupportedMorphError, match="together with other axes"):
+        morphcli.widen(graph_module(model, (2, 3, 5, 5)), "0", factor=2, check=NO_CHECK)
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+def test_functional_layer_norm_over_channels(init: str) -> None:
+    torch.manual_seed(0)
+    norm = ChannelsFirstLayerNorm(8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.Conv2d(8, 4, 3))
+    gm = graph_module(model, (2, 3, 8, 8))
+    wide, result = morphcli.widen(gm, "0", factor=2, init=init)
+    assert result.check.equivalent
+    same_function(gm, wide)
+    rewired = [c for c in result.changes if c.action == "rewired"]
+    assert [(c.old, c.new) for c in rewired] == [("(8,)", "(16,)")]
+    assert {c.name for c in result.changes if c.action == "resized"} >= {"1.weight", "1.bias"}
 
 
 @pytest.mark.parametrize("init", ["zero", "copy"])

@@ -56,6 +56,9 @@ class Group:
     source: fx.Node | None
     cmap: ChannelMap | None = None
     blocks: int = 1  # grouped convolutions in the group: new units must stay in their group
+    # A LayerNorm normalising over the units: every unit must be copied equally often
+    # (ChannelMap.replicate), so that its mean and variance stay the same.
+    uniform: fx.Node | None = None
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Plan:
     derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
     rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
     attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
+    norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape
 
     def map_of(self, node: fx.Node) -> ChannelMap:
         cmap = self.tensors[node][1].cmap
@@ -182,9 +186,17 @@ class _Walker:
             if pt is not None and pt.keeps(m, dim, len(tensor_shape(node) or ())):
                 self.join(node.args[0], dim, group)
                 return
+            if isinstance(m, nn.LayerNorm):
+                self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
+                self.join(node.args[0], dim, group)
+                return
             self.refuse(node, "its output cannot be widened")
         if self.is_elementwise(node):
             self.join_operands(node, dim, group)
+            return
+        if node.op == "call_function" and node.target is F.layer_norm:
+            self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
+            self.join(node.args[0], dim, group)
             return
         if node.op in ("call_function", "call_method"):
             moved = self.axis_through(node, dim, backward=True)
@@ -192,7 +204,9 @@ class _Walker:
                 self.join(node.args[0], moved, group)
                 return
         if node.op == "get_attr":  # a per-unit tensor of the model (e.g. a layer scale)
-            if sum(1 for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1:
+            readers = [n for n in self.gm.graph.nodes
+                       if n.op == "get_attr" and n.target == node.target]
+            if len(readers) > 1:
                 self.refuse(node, f"tensor {node.target} is read at several places")
             if node not in self.plan.attrs:
                 self.plan.attrs.append(node)
@@ -240,8 +254,9 @@ class _Walker:
                 self.follow(user, dim, group)
                 return
             if isinstance(m, nn.LayerNorm):
-                self.refuse(user, "LayerNorm normalises over the widened units, so new units "
-                            "would change every unit's statistics")
+                self.norm_over_units(user, dim, rank, group)
+                self.follow(user, dim, group)
+                return
             self.refuse(user, "morphcli has no rule to follow the widened units through it")
         if self.is_elementwise(user):
             self.follow(user, dim + (len(tensor_shape(user) or ()) - rank), group)
@@ -291,11 +306,9 @@ class _Walker:
             self.follow(user, dim, group)
             return
         if user.op == "call_function" and target is F.layer_norm:
-            normalized = _arg(user, 1, "normalized_shape", ())
-            if dim >= rank - len(normalized):
-                self.refuse(user, "LayerNorm normalises over the widened units, so new units "
-                            "would change every unit's statistics")
-            self.follow(user, dim, group)
+            if user.args[0] is node:  # (its weight and bias are joined with its input)
+                self.norm_over_units(user, dim, rank, group)
+                self.follow(user, dim, group)
             return
         if name in _SHAPE_METHODS or (user.op == "call_function" and target is getattr):
             self.shape_read(user, dim)
@@ -441,6 +454,44 @@ class _Walker:
         if node not in self.plan.channelwise:
             self.plan.channelwise.append(node)
 
+    def norm_over_units(self, node: fx.Node, dim: int, rank: int, group: Group) -> None:
+        """A LayerNorm (module or F.layer_norm) that the units reach: over other axes they
+        pass through; over the units, its parameters follow the map and the map must copy
+        every unit equally often (``layer_norm``)."""
+        module = self.module(node) if node.op == "call_module" else None
+        if module is not None:
+            normalized = len(module.normalized_shape)
+        else:
+            normalized = len(_arg(node, 1, "normalized_shape", ()))
+        if dim < rank - normalized:
+            return
+        self.layer_norm(node, dim, rank, normalized, group)
+        if module is not None:
+            self.add_channelwise(node, module, registry.lookup("channelwise", module), dim)
+            return
+        for i, name in ((2, "weight"), (3, "bias")):
+            param = _arg(node, i, name, None)
+            if isinstance(param, fx.Node):
+                self.join(param, 0, group)
+        if node not in self.plan.norm_shapes:
+            self.plan.norm_shapes.append(node)
+
+    def layer_norm(self, node: fx.Node, dim: int, rank: int, normalized: int, group: Group) -> None:
+        """A LayerNorm over the widened units keeps every unit's value only if its mean and
+        variance stay the same: every unit copied equally often, new units equal to their
+        source (``Group.uniform``)."""
+        if normalized != 1 or dim != rank - 1:
+            self.refuse(
+                node, "LayerNorm normalises over the widened units together with other axes"
+            )
+        if group.source is not None:
+            self.refuse(
+                node,
+                "LayerNorm normalises over units laid out by a concatenation or "
+                "flatten, which cannot all be copied equally often",
+            )
+        group.uniform = group.uniform or node
+
     def require_blocks(self, node: fx.Node, group: Group, groups: int) -> None:
         """A grouped convolution reads (or writes) its channels in ``groups`` blocks: the map
         must add units inside each block, copying units of the same block."""
@@ -453,7 +504,8 @@ class _Walker:
 
     def shared_check(self, node: fx.Node) -> None:
         if len(self.sites.get(str(node.target), ())) > 1:
-            self.refuse(node, f"layer {node.target} is called at {len(self.sites[str(node.target)])} "
+            calls = len(self.sites[str(node.target)])
+            self.refuse(node, f"layer {node.target} is called at {calls} "
                         "places and widening it would change all of them")
 
 
@@ -473,8 +525,9 @@ def assign_maps(plan: Plan, target: fx.Node, root_map: ChannelMap) -> None:
             del pending[node]
             progressed = True
         if not progressed:
-            raise UnsupportedMorphError("cannot widen: the channel layouts depend on each other "
-                                        "in a cycle")
+            raise UnsupportedMorphError(
+                "cannot widen: the channel layouts depend on each other in a cycle"
+            )
     for node, (_, group) in plan.tensors.items():
         if group.cmap is None:
             raise UnsupportedMorphError(f"cannot widen: no channel layout for node {node.name!r}")

@@ -24,7 +24,12 @@ from torch import nn
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, free_name, replace_module, tensor_shape
 from morphcli.graph.layers import Layer, LayerNotFoundError, find_one_layer, layers
-from morphcli.modules import ACTIVATIONS, IdentityStartActivation, make_activation
+from morphcli.modules import (
+    ACTIVATIONS,
+    FeaturesLastBatchNorm,
+    IdentityStartActivation,
+    make_activation,
+)
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
 from morphcli.rules import activations as act_rules
@@ -120,8 +125,8 @@ def deepen_graph(gm: fx.GraphModule, options: DeepenOptions) -> tuple[fx.GraphMo
     # The new layer (and, for decompose, LAYER re-expressed).
     deep_name = free_name(new, f"{base}_deep")
     if options.init == "decompose":
-        layer = _decompose(new, node, target, kernel, gen, result)
-        how = "decomposed: orthogonal mixing Q" + (" at the centre tap" if follow.spatial else "")
+        layer, mixing = _decompose(new, node, target, kernel, gen, result)
+        how = f"decomposed: {mixing}" + (" at the centre tap" if follow.spatial else "")
     else:
         build = lookup("identity", follow.cls)
         assert build is not None, follow.cls  # registered for Linear and Conv1d/2d/3d
@@ -233,15 +238,16 @@ def _follow(target: Layer, shape: tuple[int, ...]) -> _Follow:
 
 
 def _decompose(new: fx.GraphModule, node: fx.Node, target: Layer, kernel: int,
-               gen: torch.Generator, result: MorphResult) -> nn.Module:
-    """Re-express LAYER in ``new`` (a new module object) and return the successor."""
+               gen: torch.Generator, result: MorphResult) -> tuple[nn.Module, str]:
+    """Re-express LAYER in ``new`` (a new module object); return the successor and what its
+    mixing Q is."""
     rule = lookup("decompose", target.module) if target.module is not None else None
     if rule is None:
         raise UnsupportedMorphError(
             f"--init decompose re-expresses the layer it follows, so that layer must be linear "
             f"({', '.join(supported('decompose'))}); {target.name} is {_kind(target)}; "
             "use --init identity")
-    head, tail = rule(target.module, kernel, gen)
+    head, tail, mixing = rule(target.module, kernel, gen)
     path = str(node.target)
     shared = sum(1 for n in new.graph.nodes if n.op == "call_module" and n.target == path) > 1
     if shared:  # the other call sites keep the original layer
@@ -257,20 +263,19 @@ def _decompose(new: fx.GraphModule, node: fx.Node, target: Layer, kernel: int,
         old = target.module.state_dict()[key]  # type: ignore[union-attr]
         if tensor.is_floating_point() and key in ("weight", "bias"):
             result.changes.append(Change("replaced", f"{site}.{key}", list(old.shape),
-                                         list(tensor.shape), "re-expressed as Q^T " + (
+                                         list(tensor.shape), "re-expressed as Q^-1 " + (
                                              "W" if key == "weight" else "b")))
-    result.notes.append(f"{target.name} re-expressed as Q^T W, Q^T b with a random orthogonal "
-                        "Q, so that the new layer (Q) composed with it equals the original")
-    return tail
+    result.notes.append(f"{target.name} re-expressed as Q^-1 W, Q^-1 b with {mixing}, so that "
+                        "the new layer (Q) composed with it equals the original")
+    return tail, mixing
 
 
 def _identity_norm(follow: _Follow, shape: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
     """BatchNorm with mean 0, var 1, scale sqrt(1 + eps), shift 0: the identity in eval mode."""
-    if not follow.spatial and len(shape) > 2:
-        raise UnsupportedMorphError(
-            f"--norm adds a BatchNorm, which normalises dimension 1, but this tensor "
-            f"{list(shape)} has its features last; deepen without --norm")
-    bn = _NORMS[follow.spatial](follow.channels, dtype=dtype)
+    if not follow.spatial and len(shape) > 2:  # (N, tokens, F): BatchNorm1d would take dim 1
+        bn: nn.modules.batchnorm._BatchNorm = FeaturesLastBatchNorm(follow.channels, dtype=dtype)
+    else:
+        bn = _NORMS[follow.spatial](follow.channels, dtype=dtype)
     weight, bias = _tensors(bn, "weight", "bias")
     with torch.no_grad():
         weight.fill_(math.sqrt(1.0 + bn.eps))

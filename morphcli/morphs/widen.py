@@ -63,7 +63,8 @@ def widen(
     """
     gm = as_graph_module(model, input_shapes)
     options = WidenOptions(layer, to, by, factor, init, noise, kernel, seed)
-    checking = check if isinstance(check, CheckOptions) else CheckOptions(enabled=bool(check), seed=seed)
+    checking = (check if isinstance(check, CheckOptions)
+                else CheckOptions(enabled=bool(check), seed=seed))
     return apply_morph(widen_graph, gm, options, checking)
 
 
@@ -100,7 +101,8 @@ def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule,
         replace_module(new, str(target.target), grown)
         result.changes.append(Change("resized", f"{target.target}.weight",
                                      list(old.weight.shape), list(grown.weight.shape),
-                                     f"kernel {tuple(old.kernel_size)} -> {tuple(grown.kernel_size)}, "
+                                     f"kernel {tuple(old.kernel_size)} -> "
+                                     f"{tuple(grown.kernel_size)}, "
                                      f"padding {tuple(old.padding)} -> {tuple(grown.padding)}"))
     if opts.noise:
         result.notes.append(f"noise (std {opts.noise:g}) was added to the new units' weights only; "
@@ -131,29 +133,64 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     old = (tensor_shape(target) or ())[dim]
     width = _new_width(old, opts)
     gen = torch.Generator().manual_seed(opts.seed)
-    blocks = plan.tensors[target][1].blocks
-    if blocks > 1:
-        if width % blocks:
-            raise UnsupportedMorphError(
-                f"cannot widen {target.target} to {width}: its units meet grouped convolutions "
-                f"({blocks} groups), so the new width must be a multiple of {blocks} "
-                f"(e.g. --to {(width // blocks + 1) * blocks})")
+    group = plan.tensors[target][1]
+    blocks = group.blocks
+    if blocks > 1 and width % blocks:
+        raise UnsupportedMorphError(
+            f"cannot widen {target.target} to {width}: its units meet grouped convolutions "
+            f"({blocks} groups), so the new width must be a multiple of {blocks} "
+            f"(e.g. --to {(width // blocks + 1) * blocks})"
+        )
+    if group.uniform is not None:
+        root = _replicated(target, group.uniform, old, width, blocks, opts, result)
+    elif blocks > 1:
         root = ChannelMap.grow_blocks(old, width, blocks, gen)
-        result.notes.append(f"new units are added inside each of the {blocks} channel groups")
     else:
         root = ChannelMap.grow(old, width, gen)
+    if blocks > 1:
+        result.notes.append(f"new units are added inside each of the {blocks} channel groups")
     assign_maps(plan, target, root)
-    ctx = ResizeContext(opts.init, gen, opts.noise)
+    ctx = ResizeContext(opts.init, gen, opts.noise, mirror=group.uniform is not None)
     for path, new_module, old_module in _resized_layers(gm, plan, ctx):
         replace_module(gm, path, new_module)
         result.changes.extend(_diff(path, old_module, new_module))
     result.changes.extend(_rewrite_reshapes(plan))
+    result.changes.extend(_rewrite_norm_shapes(plan))
     result.changes.extend(_resize_attrs(gm, plan))
     coupled = [str(p.target) for p in plan.producers if p is not target]
     if coupled:
         result.notes.append(f"widened together with {', '.join(coupled)} (their outputs meet "
                             f"{str(target.target)}'s in an elementwise op)")
     result.notes.append(f"{target.target}: {old} -> {width} units, init {opts.init}")
+
+
+def _replicated(
+    target: fx.Node,
+    norm: fx.Node,
+    old: int,
+    width: int,
+    blocks: int,
+    opts: WidenOptions,
+    result: MorphResult,
+) -> ChannelMap:
+    """The map for units a LayerNorm normalises over: every unit copied equally often."""
+    if width % old:
+        raise UnsupportedMorphError(
+            f"cannot widen {target.target} to {width}: its units reach a LayerNorm (node "
+            f"{norm.name!r}), whose mean and variance over them stay the same only when every "
+            f"unit is copied equally often, so the new width must be a multiple of {old} "
+            f"(e.g. --factor 2)"
+        )
+    how = (
+        "new units copy their source's incoming weights and have zero outgoing weights"
+        if opts.init == ZERO
+        else "consumers divide each unit's weights by its copy count"
+    )
+    result.notes.append(
+        f"every unit is copied {width // old} times because LayerNorm (node "
+        f"{norm.name!r}) normalises over them; {how}"
+    )
+    return ChannelMap.replicate(old, width, blocks)
 
 
 def _resized_layers(gm: fx.GraphModule, plan: Plan, ctx: ResizeContext):
@@ -175,14 +212,19 @@ def _resized_layers(gm: fx.GraphModule, plan: Plan, ctx: ResizeContext):
 
 def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
     changes = []
-    old_tensors = {**dict(old.named_parameters(recurse=False)), **dict(old.named_buffers(recurse=False))}
-    new_tensors = {**dict(new.named_parameters(recurse=False)), **dict(new.named_buffers(recurse=False))}
+    old_tensors = _own_tensors(old)
+    new_tensors = _own_tensors(new)
     for name, t in new_tensors.items():
         before = old_tensors.get(name)
         if before is None or before.shape != t.shape:
             changes.append(Change("resized", f"{path}.{name}",
-                                  list(before.shape) if before is not None else None, list(t.shape)))
+                                  list(before.shape) if before is not None else None,
+                                  list(t.shape)))
     return changes
+
+
+def _own_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
 
 
 def _resize_attrs(gm: fx.GraphModule, plan: Plan) -> list[Change]:
@@ -202,10 +244,27 @@ def _resize_attrs(gm: fx.GraphModule, plan: Plan) -> list[Change]:
     return changes
 
 
+def _rewrite_norm_shapes(plan: Plan) -> list[Change]:
+    """The literal normalized_shape of F.layer_norm calls over the widened units."""
+    changes = []
+    for node in plan.norm_shapes:
+        width = plan.map_of(node).width
+        args, kwargs = list(node.args), dict(node.kwargs)
+        old = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+        new = type(old)([width]) if isinstance(old, (tuple, list)) else width
+        if len(args) > 1:
+            args[1] = new
+        else:
+            kwargs["normalized_shape"] = new
+        node.args, node.kwargs = tuple(args), kwargs
+        changes.append(Change("rewired", node.name, str(old), str(new), "normalized_shape"))
+    return changes
+
+
 def _rewrite_reshapes(plan: Plan) -> list[Change]:
     """Literal sizes of view/reshape calls that hold the widened axis."""
     changes = []
-    for node, src in plan.rewrites:
+    for node, _ in plan.rewrites:
         dim = plan.tensors[node][0]
         old_size = (tensor_shape(node) or ())[dim]
         new_size = plan.map_of(node).width

@@ -33,7 +33,7 @@ class ChannelMap:
     def grow(old: int, new_width: int, gen: torch.Generator) -> ChannelMap:
         """The first ``old`` units unchanged, then new ones mirroring random originals."""
         extra = torch.randint(0, old, (new_width - old,), generator=gen)
-        new = torch.cat([torch.zeros(old, dtype=torch.bool), torch.ones(new_width - old, dtype=torch.bool)])
+        new = torch.arange(new_width) >= old
         return ChannelMap(torch.cat([torch.arange(old), extra]), new, old)
 
     @staticmethod
@@ -43,6 +43,17 @@ class ChannelMap:
         parts = [ChannelMap.grow(old_b, new_b, gen) for _ in range(blocks)]
         src = torch.cat([p.src + i * old_b for i, p in enumerate(parts)])
         return ChannelMap(src, torch.cat([p.new for p in parts]), old)
+
+    @staticmethod
+    def replicate(old: int, new_width: int, blocks: int = 1) -> ChannelMap:
+        """Every unit copied ``new_width // old`` times, within each of ``blocks`` blocks (the
+        original units first in each block, as ``grow_blocks`` places them): the layout that
+        keeps a LayerNorm's mean and variance over the units."""
+        copies, old_b = new_width // old, old // blocks
+        block = torch.arange(old_b).repeat(copies)
+        src = torch.cat([block + i * old_b for i in range(blocks)])
+        fresh = torch.arange(old_b * copies) >= old_b
+        return ChannelMap(src, fresh.repeat(blocks), old)
 
     def counts(self) -> torch.Tensor:
         """How many units mirror each original unit (the Net2WiderNet divisor)."""
@@ -80,7 +91,8 @@ def grow_outputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
         out.index_copy_(axis, new_idx, fresh)
     if noise and not is_bias:
         sl = out.index_select(axis, new_idx)
-        out.index_copy_(axis, new_idx, sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise)
+        noisy = sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise
+        out.index_copy_(axis, new_idx, noisy)
     return out
 
 
@@ -98,7 +110,8 @@ def grow_inputs(t: torch.Tensor, axis: int, cmap: ChannelMap, init: str,
         out.index_fill_(axis, new_idx, 0)
     if noise and new_idx.numel():
         sl = out.index_select(axis, new_idx)
-        out.index_copy_(axis, new_idx, sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise)
+        noisy = sl + torch.randn(sl.shape, generator=gen, dtype=sl.dtype) * noise
+        out.index_copy_(axis, new_idx, noisy)
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from morphcli.rules.channel_map import (
+    COPY,
     ChannelMap,
     follow,
     grow_inputs,
@@ -27,6 +28,14 @@ class ResizeContext:
     init: str
     gen: torch.Generator
     noise: float = 0.0
+    # New units must equal their source going in (a LayerNorm normalises over them), so
+    # producers copy rows even for zero init; consumers still follow ``init``.
+    mirror: bool = False
+
+    @property
+    def out_init(self) -> str:
+        """How producers fill new units' rows."""
+        return COPY if self.mirror else self.init
 
 
 def _last(rank: int) -> int:
@@ -58,9 +67,13 @@ class LinearRule:
         new = shallow_copy(m)
         w = m.weight
         if out_map is not None:
-            w = grow_outputs(w, 0, out_map, ctx.init, ctx.gen, ctx.noise)
+            w = grow_outputs(w, 0, out_map, ctx.out_init, ctx.gen, ctx.noise)
             if m.bias is not None:
-                set_param(new, "bias", grow_outputs(m.bias, 0, out_map, ctx.init, ctx.gen, is_bias=True))
+                set_param(
+                    new,
+                    "bias",
+                    grow_outputs(m.bias, 0, out_map, ctx.out_init, ctx.gen, is_bias=True),
+                )
             new.out_features = out_map.width
         if in_map is not None:
             w = grow_inputs(w, 1, in_map, ctx.init, ctx.gen, ctx.noise if out_map is None else 0.0)
@@ -105,9 +118,13 @@ class ConvRule:
         new = shallow_copy(m)
         w = m.weight
         if out_map is not None:
-            w = grow_outputs(w, out_axis, out_map, ctx.init, ctx.gen, ctx.noise)
+            w = grow_outputs(w, out_axis, out_map, ctx.out_init, ctx.gen, ctx.noise)
             if m.bias is not None:
-                set_param(new, "bias", grow_outputs(m.bias, 0, out_map, ctx.init, ctx.gen, is_bias=True))
+                set_param(
+                    new,
+                    "bias",
+                    grow_outputs(m.bias, 0, out_map, ctx.out_init, ctx.gen, is_bias=True),
+                )
             new.out_channels = out_map.width
         if in_map is not None:
             noise = ctx.noise if out_map is None else 0.0
@@ -178,7 +195,9 @@ class EmbeddingRule:
                ctx: ResizeContext) -> nn.Module:
         new = shallow_copy(m)
         assert out_map is not None
-        set_param(new, "weight", grow_outputs(m.weight, 1, out_map, ctx.init, ctx.gen, ctx.noise))
+        set_param(
+            new, "weight", grow_outputs(m.weight, 1, out_map, ctx.out_init, ctx.gen, ctx.noise)
+        )
         new.embedding_dim = out_map.width
         return new
 
@@ -209,6 +228,6 @@ def grow_kernel(m: nn.Module, size: int) -> nn.Module:
     new = shallow_copy(m)
     set_param(new, "weight", torch.nn.functional.pad(m.weight.detach(), pad))
     new.kernel_size = tuple(size for _ in m.kernel_size)
-    new.padding = tuple(p + g * d for p, g, d in zip(m.padding, grow, m.dilation))
+    new.padding = tuple(p + g * d for p, g, d in zip(m.padding, grow, m.dilation, strict=True))
     new._reversed_padding_repeated_twice = [x for p in reversed(new.padding) for x in (p, p)]
     return new

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from morphcli.modules import FeaturesLastBatchNorm
 from morphcli.rules.channel_map import ChannelMap, follow, set_buffer, set_param, shallow_copy
 from morphcli.rules.registry import register
 
@@ -38,6 +39,45 @@ class NormRule:
             if m._buffers.get(name) is not None:
                 set_buffer(new, name, follow(m._buffers[name], 0, cmap))
         new.num_features = cmap.width
+        return new
+
+
+@register("channelwise", FeaturesLastBatchNorm)
+class FeaturesLastNormRule(NormRule):
+    @staticmethod
+    def channel_dim(m: nn.Module, rank: int) -> int:
+        return rank - 1
+
+
+@register("channelwise", nn.LayerNorm)
+class LayerNormRule:
+    """LayerNorm over the widened (last) axis: its mean and variance over the units stay the
+    same only when every unit is copied equally often, so it is never channelwise on its own
+    (``applies`` is False); the coupling walk arranges such a map (``Group.uniform``) and then
+    resizes it here. Over other axes it passes the units through (``LayerNormAcross``)."""
+
+    @staticmethod
+    def channel_dim(m: nn.Module, rank: int) -> int:
+        return rank - 1
+
+    @staticmethod
+    def applies(m: nn.Module) -> bool:
+        return False
+
+    @staticmethod
+    def why_not(m: nn.Module) -> str | None:
+        if len(m.normalized_shape) != 1:
+            return (f"LayerNorm over {len(m.normalized_shape)} axes normalises over the widened "
+                    "units together with others")
+        return None
+
+    @staticmethod
+    def resize(m: nn.LayerNorm, cmap: ChannelMap, ctx: object) -> nn.Module:
+        new = shallow_copy(m)
+        for name in ("weight", "bias"):
+            if m._parameters.get(name) is not None:
+                set_param(new, name, follow(m._parameters[name], 0, cmap))
+        new.normalized_shape = (cmap.width,)
         return new
 
 

@@ -10,7 +10,9 @@ the successor multiplies by Q, so the pair computes ``W x + b`` up to round-off.
 the successor is a k x k convolution holding Q at the centre tap and zeros elsewhere: a dense
 k x k successor cannot be undone by re-expressing the layer before it in general, while a
 centred channel mixing can. It is dense across channels, the NetMorph-style decomposition, and
-training can grow the outer taps.
+training can grow the outer taps. A grouped layer can only be re-expressed within its groups, so
+Q is block-diagonal there, and a diagonal scaling (inverted exactly: ``Q^-1``, not ``Q^T``) for a
+depthwise layer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import copy
 import torch
 from torch import nn
 
-from morphcli.errors import UnsupportedMorphError
 from morphcli.rules.registry import register
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -53,41 +54,43 @@ def identity_conv(cls: type[nn.Module], channels: int, kernel: int,
 
 @register("decompose", nn.Linear)
 def decompose_linear(layer: nn.Module, kernel: int,
-                     generator: torch.Generator) -> tuple[nn.Module, nn.Module]:
-    """``(Q^T-re-expressed copy of layer, Linear with weight Q)``."""
+                     generator: torch.Generator) -> tuple[nn.Module, nn.Module, str]:
+    """``(Q^T-re-expressed copy of layer, Linear with weight Q, what Q is)``."""
     assert isinstance(layer, nn.Linear)
     q = orthogonal(layer.out_features, generator)
-    head = _re_expressed(layer, q)
-    tail = nn.Linear(layer.out_features, layer.out_features, dtype=layer.weight.dtype,
-                     device=layer.weight.device)
+    head = _re_expressed(layer, q.T)
+    tail = _zeroed(nn.Linear, layer.out_features, layer.out_features, dtype=layer.weight.dtype)
     with torch.no_grad():
         tail.weight.copy_(q.to(tail.weight.dtype))
-        tail.bias.zero_()
-    return head, tail
+    return head, tail.to(layer.weight.device), "a random orthogonal Q"
 
 
 @register("decompose", nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def decompose_conv(layer: nn.Module, kernel: int,
-                   generator: torch.Generator) -> tuple[nn.Module, nn.Module]:
-    """``(re-expressed copy, kernel-wide conv with Q at the centre tap)``.
+                   generator: torch.Generator) -> tuple[nn.Module, nn.Module, str]:
+    """``(re-expressed copy, kernel-wide conv with Q at the centre tap, what Q is)``.
 
     A grouped layer's output channels may only mix within their group, so Q is block-diagonal
-    there; a depthwise layer (one channel per group) has nothing to mix and is refused.
+    there. A depthwise layer (one channel per group) cannot mix at all; Q is then a random
+    diagonal scaling, the only re-expression its filters allow.
     """
     assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     out, groups = layer.out_channels, layer.groups
     per_group = out // groups
     if per_group == 1:
-        raise UnsupportedMorphError(
-            f"--init decompose mixes output channels within a group, and this "
-            f"{type(layer).__name__} has one output channel per group (groups={groups}); use "
-            "--init identity")
-    q = torch.block_diag(*(orthogonal(per_group, generator) for _ in range(groups)))
-    head = _re_expressed(layer, q)
+        q = torch.diag(diagonal_scales(out, generator))
+        inverse, what = torch.diag(1.0 / torch.diagonal(q)), (
+            "a random diagonal Q (scales of 0.5 to 2, random signs; a depthwise layer's "
+            "channels cannot mix)")
+    else:
+        q = torch.block_diag(*(orthogonal(per_group, generator) for _ in range(groups)))
+        inverse, what = q.T, "a random orthogonal Q" + (
+            f", block-diagonal within the {groups} groups" if groups > 1 else "")
+    head = _re_expressed(layer, inverse)
     tail = _centred_conv(type(layer), out, kernel, layer.weight.dtype)
     with torch.no_grad():
         _centre(tail.weight).copy_(q.to(tail.weight.dtype))
-    return head, tail.to(layer.weight.device)
+    return head, tail.to(layer.weight.device), what
 
 
 def orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -96,14 +99,23 @@ def orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
 
 
-def _re_expressed(layer: nn.Linear | _ConvNd, q: torch.Tensor) -> nn.Linear | _ConvNd:
-    """A new copy of ``layer`` computing ``Q^T (W x + b)`` (float64 maths, stored as before)."""
+def diagonal_scales(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n random scales (float64), log-uniform in [0.5, 2] with random signs: far from the
+    identity yet well conditioned, so dividing by them costs no precision."""
+    magnitude = torch.exp2(torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1)
+    sign = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    return magnitude * sign
+
+
+def _re_expressed(layer: nn.Linear | _ConvNd, inverse: torch.Tensor) -> nn.Linear | _ConvNd:
+    """A new copy of ``layer`` computing ``inverse (W x + b)`` (float64 maths, stored as
+    before), so that Q applied after it gives back ``W x + b``."""
     new = copy.deepcopy(layer)
     with torch.no_grad():
         w = layer.weight.detach().double()
-        new.weight.copy_(torch.einsum("jo,j...->o...", q, w).to(new.weight.dtype))
+        new.weight.copy_(torch.einsum("oj,j...->o...", inverse, w).to(new.weight.dtype))
         if layer.bias is not None and new.bias is not None:
-            new.bias.copy_((q.T @ layer.bias.detach().double()).to(new.bias.dtype))
+            new.bias.copy_((inverse @ layer.bias.detach().double()).to(new.bias.dtype))
     return new
 
 
