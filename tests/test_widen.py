@@ -378,3 +378,109 @@ def test_widen_resizes_graph_parameters_like_layer_scale() -> None:
     assert wide.scale.shape == (8, 1, 1) and gm.scale.shape == (6, 1, 1)
     assert "scale" in {c.name for c in result.changes}
     same_function(gm, wide)
+
+
+# ---------------------------------------------------------------- attention (transformer streams)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, width: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(width, 16), nn.Linear(16, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.fc2(torch.relu(self.fc1(self.ln_2(x))))
+
+
+class TinyViT(nn.Module):
+    """torchvision's ViT in small: patch conv, reshape and permute, class token (expand, cat
+    along the tokens), position embedding, pre-norm attention blocks, the class token's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 5, 8))
+        self.b1, self.b2 = AttentionBlock(), AttentionBlock()
+        self.ln, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.normal_(m.weight)
+                nn.init.normal_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.proj(x).reshape(n, 8, 4).permute(0, 2, 1)
+        x = torch.cat([self.cls.expand(n, -1, -1), x], dim=1) + self.pos
+        return self.head(self.ln(self.b2(self.b1(x)))[:, 0])
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("layer", ["proj", "b1.fc2", "b2.fc2"])
+def test_transformer_stream_widens_through_attention(layer: str, init: str) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(TinyViT(), (2, 3, 8, 8))
+    wide, result = morphcli.widen(gm, layer, factor=2, init=init)
+    assert result.check.equivalent and result.exact
+    same_function(gm, wide)
+    # the whole stream widens: patch conv, class token, position embedding, both blocks
+    assert wide.proj.out_channels == 16
+    assert wide.cls.shape == (1, 1, 16) and wide.pos.shape == (1, 5, 16)
+    assert torch.equal(wide.pos[..., :8], gm.pos) and torch.equal(wide.pos[..., 8:], gm.pos)
+    old, attn = gm.b1.attn, wide.b1.attn
+    assert (attn.embed_dim, attn.head_dim, attn.num_heads) == (16, 8, 2)
+    assert attn.out_proj.weight.shape == (16, 16) and attn.in_proj_weight.shape == (48, 16)
+    # head j's original dimensions open head j; its new keys and output columns are zero
+    kept = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])
+    fresh = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])
+    keys = attn.in_proj_weight.detach()[16:32]
+    assert torch.count_nonzero(keys[fresh]) == 0
+    assert torch.count_nonzero(attn.out_proj.weight.detach()[:, fresh]) == 0
+    queries = attn.in_proj_weight.detach()[:16]
+    assert torch.count_nonzero(queries[fresh]) == queries[fresh].numel()  # trainable
+    scale = 2 ** 0.5  # sqrt(new head_dim / old head_dim)
+    old_q = old.in_proj_weight.detach()[:8]
+    divisor = 2 if init == "copy" else 1
+    assert torch.allclose(queries[kept][:, :8] * divisor, old_q * scale, atol=1e-6)
+
+
+def test_attention_refusals() -> None:
+    torch.manual_seed(0)
+
+    class Plain(nn.Module):  # a stream through attention, without LayerNorm
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.attn, self.out = (nn.Linear(4, 8), nn.MultiheadAttention(8, 2),
+                                             nn.Linear(8, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h)[0])
+
+    gm = graph_module(Plain(), (3, 2, 4))
+    with pytest.raises(UnsupportedMorphError, match="multiple of 2, not 9"):
+        morphcli.widen(gm, "inp", by=1, check=NO_CHECK)
+    wide, result = morphcli.widen(gm, "inp", by=2, init="zero")
+    assert result.check.equivalent and wide.attn.embed_dim == 10
+
+    class Cross(Plain):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(self.attn(h, x.repeat(1, 1, 2), x.repeat(1, 1, 2))[0])
+
+    with pytest.raises(UnsupportedMorphError, match="cross-attention"):
+        morphcli.widen(graph_module(Cross(), (3, 2, 4)), "inp", by=2, check=NO_CHECK)
+
+    class Weights(Plain):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            y, w = self.attn(h, h, h)
+            return self.out(y) + w.sum()
+
+    with pytest.raises(UnsupportedMorphError, match="attention weights are read"):
+        morphcli.widen(graph_module(Weights(), (3, 2, 4)), "inp", by=2, check=NO_CHECK)

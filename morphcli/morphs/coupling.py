@@ -198,6 +198,22 @@ class _Walker:
             self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
             self.join(node.args[0], dim, group)
             return
+        if node.op == "call_function" and node.target is torch.cat:
+            rank = len(tensor_shape(node) or ())
+            if _arg(node, 1, "dim", 0) % rank != dim:  # joined along another axis (tokens)
+                for part in _arg(node, 0, "tensors", []):
+                    self.join(part, dim, group)
+                return
+        if node.op == "call_method" and node.target in ("view", "reshape"):
+            src = node.args[0]
+            shape_in, shape_out = tensor_shape(src) or (), tensor_shape(node) or ()
+            if tuple(shape_in[:dim + 1]) == tuple(shape_out[:dim + 1]):  # the axis is kept
+                self.join(src, dim, group)  # (walking forward from it records the rewrite)
+                return
+        attention = _attention_output_of(self.gm, node)
+        if attention is not None:  # its units are its query's: widen from there
+            self.join(_arg(attention, 0, "query", None), dim, group)
+            return
         if node.op in ("call_function", "call_method"):
             moved = self.axis_through(node, dim, backward=True)
             if moved is not None:
@@ -225,6 +241,9 @@ class _Walker:
                 f"{node.name!r}), which would change the output shape")
         if user.op == "call_module":
             m = self.module(user)
+            if isinstance(m, nn.MultiheadAttention):
+                self.attention(user, m, dim, rank, group)
+                return
             cw = registry.lookup("channelwise", m)
             if cw is not None and cw.applies(m):
                 if cw.channel_dim(m, rank) != dim:
@@ -350,6 +369,15 @@ class _Walker:
             return dim if keep else dim - sum(1 for d in dims if d < dim)
         if name == "getitem" and not backward:
             return _index_axis(node.args[1], dim, in_rank)
+        if name == "expand":
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                sizes = tuple(sizes[0])
+            lead = len(sizes) - in_rank  # expand may add leading axes
+            out_dim, in_dim = (dim, dim - lead) if backward else (dim + lead, dim)
+            if 0 <= in_dim < in_rank and sizes[out_dim] == -1:  # the axis is kept as it is
+                return in_dim if backward else out_dim
+            return None
         if name in ("unsqueeze",) and not backward:
             at = _arg(node, 1, "dim", 0) % (in_rank + 1)
             return dim + 1 if at <= dim else dim
@@ -453,6 +481,23 @@ class _Walker:
         self.shared_check(node)
         if node not in self.plan.channelwise:
             self.plan.channelwise.append(node)
+
+    def attention(self, node: fx.Node, m: nn.Module, dim: int, rank: int,
+                  group: Group) -> None:
+        """Self-attention reads and writes the same embedding: its output carries the units
+        of its input (``rules.attention`` resizes its projections)."""
+        if dim != rank - 1:
+            self.refuse(node, "attention mixes positions along the widened axis")
+        q, k, v = (_arg(node, i, name, None) for i, name in enumerate(("query", "key", "value")))
+        if not (q is k is v):
+            self.refuse(node, "its keys or values come from another tensor (cross-attention)")
+        self.add_channelwise(node, m, registry.lookup("channelwise", m), dim)
+        for use in node.users:
+            index = use.args[1] if use.target is operator.getitem else None
+            if index == 0:
+                self.follow(use, dim, group)
+            elif use.users or index != 1:  # (``y, _ = attn(...)`` leaves the weights unread)
+                self.refuse(use, "the attention weights are read")
 
     def norm_over_units(self, node: fx.Node, dim: int, rank: int, group: Group) -> None:
         """A LayerNorm (module or F.layer_norm) that the units reach: over other axes they
@@ -579,3 +624,15 @@ def _op_name(node: fx.Node) -> str:
     if isinstance(t, str):
         return f"{node.op} {t}"
     return getattr(t, "__name__", str(t))
+
+
+def _attention_output_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The MultiheadAttention call whose output ``node`` is (``attn(q, k, v)[0]``), if any."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
+        return None
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.op == "call_module" and \
+            isinstance(gm.get_submodule(str(src.target)), nn.MultiheadAttention):
+        return src
+    return None
+

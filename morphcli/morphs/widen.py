@@ -212,8 +212,8 @@ def _resized_layers(gm: fx.GraphModule, plan: Plan, ctx: ResizeContext):
 
 def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
     changes = []
-    old_tensors = _own_tensors(old)
-    new_tensors = _own_tensors(new)
+    old_tensors = _tensors_of(old)
+    new_tensors = _tensors_of(new)
     for name, t in new_tensors.items():
         before = old_tensors.get(name)
         if before is None or before.shape != t.shape:
@@ -223,8 +223,9 @@ def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
     return changes
 
 
-def _own_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
+def _tensors_of(m: nn.Module) -> dict[str, torch.Tensor]:
+    """A layer's tensors, with those of its own sub-layers (attention's out_proj)."""
+    return {**dict(m.named_parameters()), **dict(m.named_buffers())}
 
 
 def _resize_attrs(gm: fx.GraphModule, plan: Plan) -> list[Change]:

@@ -61,4 +61,11 @@ def entries() -> dict[tuple[str, type], Any]:
 
 def _load_rules() -> None:
     # Rule modules register themselves on import; importing here keeps one entry point.
-    from morphcli.rules import activations, linear_layers, norms, passthrough, successors  # noqa: F401
+    from morphcli.rules import (  # noqa: F401
+        activations,
+        attention,
+        linear_layers,
+        norms,
+        passthrough,
+        successors,
+    )
