@@ -36,7 +36,7 @@ from morphcli.morphs.applicable import applicable_morphs
 from morphcli.morphs.runner import CheckOptions
 
 # (examples, longest morph sequence): CI default, and the slow run
-DEFAULT_RUN = (int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "120")),
+DEFAULT_RUN = (int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "200")),
                int(os.environ.get("MORPH_PROPERTY_STEPS", "6")))
 SLOW_RUN = (int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "600")),
             int(os.environ.get("MORPH_PROPERTY_STEPS", "16")))
