@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -196,10 +197,7 @@ def _zeros(x: Any) -> Any:
 
 
 def _fetch(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(path)(root)  # a dotted path: layer, parameter or buffer
 
 
 def _signature(gm: fx.GraphModule, node: fx.Node) -> Signature:

@@ -31,10 +31,7 @@ class NormRule:
 
     @staticmethod
     def resize(m: nn.Module, cmap: ChannelMap, ctx: object) -> nn.Module:
-        new = shallow_copy(m)
-        for name in ("weight", "bias"):
-            if m._parameters.get(name) is not None:
-                set_param(new, name, follow(m._parameters[name], 0, cmap))
+        new = _with_affine_followed(m, cmap)
         for name in ("running_mean", "running_var"):
             if m._buffers.get(name) is not None:
                 set_buffer(new, name, follow(m._buffers[name], 0, cmap))
@@ -73,10 +70,7 @@ class LayerNormRule:
 
     @staticmethod
     def resize(m: nn.LayerNorm, cmap: ChannelMap, ctx: object) -> nn.Module:
-        new = shallow_copy(m)
-        for name in ("weight", "bias"):
-            if m._parameters.get(name) is not None:
-                set_param(new, name, follow(m._parameters[name], 0, cmap))
+        new = _with_affine_followed(m, cmap)
         new.normalized_shape = (cmap.width,)
         return new
 
@@ -103,10 +97,7 @@ class GroupNormRule:
 
     @staticmethod
     def resize(m: nn.GroupNorm, cmap: ChannelMap, ctx: object) -> nn.Module:
-        new = shallow_copy(m)
-        if m.affine:
-            set_param(new, "weight", follow(m.weight, 0, cmap))
-            set_param(new, "bias", follow(m.bias, 0, cmap))
+        new = _with_affine_followed(m, cmap)
         new.num_groups = new.num_channels = cmap.width
         return new
 
@@ -131,3 +122,12 @@ class PReLURule:
         set_param(new, "weight", follow(m.weight, 0, cmap))
         new.num_parameters = cmap.width
         return new
+
+
+def _with_affine_followed(m: nn.Module, cmap: ChannelMap) -> nn.Module:
+    """A copy of norm layer ``m`` whose per-unit scale and shift (if any) follow the map."""
+    new = shallow_copy(m)
+    for name in ("weight", "bias"):
+        if m._parameters.get(name) is not None:
+            set_param(new, name, follow(m._parameters[name], 0, cmap))
+    return new
