@@ -1,9 +1,10 @@
 """Property test: random architectures, long random sequences of morphs, zero equivalence
 failures.
 
-Architectures are MLPs and CNNs with BatchNorm, assorted activations, residual adds,
-concatenations, depthwise and grouped convs, squeeze-excitation gates, pooling, dropout,
-LayerNorm and a flatten (function, module or literal view) into Linear. Every morph the tool
+Architectures are MLPs, CNNs and token models with BatchNorm, assorted activations, residual
+adds, concatenations, depthwise and grouped convs, squeeze-excitation gates, pooling, dropout,
+LayerNorm, pre-norm self-attention blocks and a flatten (function, module or literal view) into
+Linear. Every morph the tool
 accepts must keep the function to float32 round-off (relative to the output's scale) on two
 input distributions; a refusal must be a MorphError. Morphed models are also written to a .pt
 archive and read back now and then, which must always work.
@@ -15,6 +16,7 @@ and MORPH_PROPERTY_STEPS override both). The figures appear in the run's summary
 from __future__ import annotations
 
 import io
+import operator
 import os
 
 import pytest
@@ -116,8 +118,19 @@ def _flatten(draw: st.DrawFn, b: _Builder, x: fx.Node, features: int) -> fx.Node
     return b.graph.call_method("view", (x, -1, features))  # a literal size widen must rewrite
 
 
-def _dense_block(draw: st.DrawFn, b: _Builder, x: fx.Node, features: int) -> tuple[fx.Node, int]:
-    kind = draw(st.sampled_from(["linear", "res", "cat", "norm", "dropout"]))
+def _dense_block(draw: st.DrawFn, b: _Builder, x: fx.Node, features: int,
+                 tokens: bool = False) -> tuple[fx.Node, int]:
+    """One random block over features on the last axis, of (N, F) or, with ``tokens``,
+    (N, L, F) tensors, where self-attention blocks are drawn too."""
+    kinds = ["linear", "res", "cat", "norm", "dropout"] + (["attention"] * 2 if tokens else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "attention":  # pre-norm residual self-attention, as in a ViT block
+        heads = draw(st.sampled_from([h for h in (1, 2, 3) if features % h == 0]))
+        y = b.layer(nn.LayerNorm(features), x)
+        b.n += 1
+        b.root.add_module(f"l{b.n}", nn.MultiheadAttention(features, heads, batch_first=True))
+        attended = b.graph.call_module(f"l{b.n}", (y, y, y), {"need_weights": False})
+        return b.op(torch.add, x, b.op(operator.getitem, attended, 0)), features
     if kind == "linear":
         new = draw(st.integers(2, 8))
         return b.act(draw, b.layer(nn.Linear(features, new), x)), new
@@ -126,8 +139,8 @@ def _dense_block(draw: st.DrawFn, b: _Builder, x: fx.Node, features: int) -> tup
     if kind == "cat":
         w1, w2 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
         return b.op(torch.cat, [b.layer(nn.Linear(features, w1), x),
-                                b.layer(nn.Linear(features, w2), x)], 1), w1 + w2
-    if kind == "norm":  # widening the units it normalises must be refused, deepening is fine
+                                b.layer(nn.Linear(features, w2), x)], -1), w1 + w2
+    if kind == "norm":  # widening the units it normalises needs every unit copied equally
         return b.layer(nn.LayerNorm(features), x), features
     return b.layer(nn.Dropout(0.2), x), features
 
@@ -137,7 +150,9 @@ def architectures(draw: st.DrawFn) -> fx.GraphModule:
     torch.manual_seed(draw(st.integers(0, 2**16)))
     b = _Builder()
     x = b.graph.placeholder("x")
-    if draw(st.booleans()):
+    tokens = False
+    start = draw(st.sampled_from(["image", "features", "tokens"]))
+    if start == "image":
         shape: tuple[int, ...] = (2, 3, 8, 8)
         width, size = draw(st.integers(2, 6)), 8
         x = b.layer(nn.Conv2d(3, width, 3, padding=1), x)
@@ -145,10 +160,13 @@ def architectures(draw: st.DrawFn) -> fx.GraphModule:
             x, width, size = _conv_block(draw, b, x, width, size)
         features = width * size * size
         x = _flatten(draw, b, x, features)
-    else:
+    elif start == "features":
         shape, features = (2, 5), 5
+    else:  # a sequence of 4 tokens, embedded to an even width so that heads can divide it
+        shape, features, tokens = (2, 4, 5), 2 * draw(st.integers(1, 4)), True
+        x = b.layer(nn.Linear(5, features), x)
     for _ in range(draw(st.integers(1, 4))):
-        x, features = _dense_block(draw, b, x, features)
+        x, features = _dense_block(draw, b, x, features, tokens)
     b.graph.output(b.layer(nn.Linear(features, 3), x))
     gm = fx.GraphModule(b.root, b.graph)
     return to_graph_module(Checkpoint("generated", graph_module=gm), input_shapes=[shape])
