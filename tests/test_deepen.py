@@ -561,3 +561,38 @@ def test_cli_pipeline_through_stdout(samples: Path) -> None:
     code, _, err = invoke("deepen", "-", "--after", "conv3", "-o", samples / "b.pt", input=data)
     assert code == 0, err
     assert morphcli.check(str(samples / "cnn.pt"), str(samples / "b.pt")).equivalent
+
+
+# ---------------------------------------------------------------- float32 round-off
+
+
+def _tiny_layer_norm_model() -> torch.fx.GraphModule:
+    """A LayerNorm over three features: it divides by their spread, so float32 round-off in
+    the layer before it grows 100-fold. (Seed 283: decompose fails the float32 check.)"""
+    torch.manual_seed(283)
+    model = nn.Sequential(nn.Linear(5, 3), nn.GELU(), nn.LayerNorm(3), nn.Linear(3, 3))
+    return graph_module(model, (2, 5))
+
+
+def test_float32_failure_of_an_exact_morph_is_checked_in_float64(tmp_path: Path) -> None:
+    gm = _tiny_layer_norm_model()
+    _, result = morphcli.deepen(gm, "0", init="decompose")
+    assert not result.check.equivalent and result.check.max_rel > 1e-5
+    wide = result.float64_check
+    assert wide is not None and wide.equivalent and wide.max_rel < 1e-6
+    assert result.to_json()["float64_check"]["equivalent"] is True
+    # a passing check, or an approximate morph, does not run the float64 one
+    assert morphcli.deepen(gm, "0")[1].float64_check is None
+    assert morphcli.deepen(gm, "0", noise=0.1)[1].float64_check is None
+
+    path = tmp_path / "tiny.pt"
+    morphcli.save(gm, path)
+    out = tmp_path / "deep.pt"
+    code, _, err = invoke("deepen", path, "--after", "0", "--init", "decompose", "-o", out,
+                          "--quiet")
+    assert code == 1 and not out.exists()
+    line = assert_one_error_line(err, "in float64 the two agree", "--atol")
+    atol = line.split("--atol ")[1].split()[0]
+    code, _, err = invoke("deepen", path, "--after", "0", "--init", "decompose", "-o", out,
+                          "--quiet", "--atol", atol)
+    assert code == 0 and out.exists(), err

@@ -91,6 +91,13 @@ def _not_equivalent_message(result: Any) -> str:
     if diff != diff:  # NaN: no tolerance and no --force can make such a model pass
         return (f"error: the check cannot pass: {result.check.reason} (does the input model "
                 "hold NaN or Inf weights?); nothing was written")
+    wide = result.float64_check
+    if result.exact and wide is not None and wide.equivalent:
+        return (f"error: in float32 the morphed model differs from the original by up to "
+                f"{diff:.3g} (max abs), beyond the tolerance, but in float64 the two agree "
+                f"({wide.max_abs:.3g}): the morph is exact and this model amplifies float32 "
+                "round-off (as a LayerNorm over a few nearly equal features does); nothing was "
+                f"written (pass --atol {_round_up(diff)} to accept it, or --force)")
     if result.exact:
         return ("error: the morphed model is not equivalent to the original; nothing was "
                 "written (widen --atol or pass --force to write it anyway)")

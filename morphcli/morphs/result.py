@@ -27,6 +27,8 @@ class MorphResult:
     exact: bool = True  # False when the morph is approximate by request (noise, --approx)
     notes: list[str] = field(default_factory=list)
     check: CheckReport | None = None
+    # When an exact morph fails the check: the same check in float64 (runner.check_in_float64).
+    float64_check: CheckReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -36,4 +38,5 @@ class MorphResult:
             "changes": [asdict(c) for c in self.changes],
             "notes": list(self.notes),
             "check": self.check.to_json() if self.check else None,
+            "float64_check": self.float64_check.to_json() if self.float64_check else None,
         }

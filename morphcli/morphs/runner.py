@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,8 @@ from morphcli.equivalence.report import (
 )
 from morphcli.equivalence.sizing import reduced
 from morphcli.errors import InputError
-from morphcli.graph.inputs import INPUTS_META
-from morphcli.io.checkpoint import torch_runner
+from morphcli.graph.inputs import INPUTS_META, InputSpec
+from morphcli.io.checkpoint import Runner, torch_runner
 from morphcli.morphs.result import MorphResult
 
 # A morph proper: (model, options) -> (new model sharing unchanged layers, result record).
@@ -50,6 +52,8 @@ def apply_morph(
         result.check, note = check_morph(gm, new, check)
         if note:
             result.notes.append(note)
+        if result.exact and not result.check.equivalent and math.isfinite(result.check.max_abs):
+            result.float64_check = check_in_float64(gm, new, check)
     return new, result
 
 
@@ -57,10 +61,7 @@ def check_morph(gm: fx.GraphModule, new: fx.GraphModule,
                 check: CheckOptions = CheckOptions()) -> tuple[CheckReport, str | None]:
     """Run ``gm`` and ``new`` side by side on seeded random inputs; also returns a note when the
     check ran at a reduced input size (see ``equivalence.sizing``)."""
-    specs = gm.meta.get(INPUTS_META)
-    if not specs:
-        raise InputError("the model has no input shape to check with; pass --input-shape")
-    small = None if check.full_size else reduced((gm, new), specs)
+    specs, small = _check_inputs(gm, new, check)
     note = None
     if small is not None:
         note = (f"checked at input {' '.join(s.text() for s in small)} instead of "
@@ -71,6 +72,36 @@ def check_morph(gm: fx.GraphModule, new: fx.GraphModule,
                      samples=check.samples, batch_size=check.batch_size, seed=check.seed,
                      atol=check.atol, rtol=check.rtol, progress=check.progress)
     return report, note
+
+
+def check_in_float64(gm: fx.GraphModule, new: fx.GraphModule,
+                     check: CheckOptions = CheckOptions()) -> CheckReport | None:
+    """The same check with both models and their inputs in float64 (None if a model cannot
+    run so). When an exact morph fails in float32 but passes here, its maths is exact and the
+    model amplifies float32 round-off (a LayerNorm over a few nearly equal features divides
+    it by their spread). Runs only after a failed check: it copies both models."""
+    specs, small = _check_inputs(gm, new, check)
+    try:
+        a, b = copy.deepcopy(gm).double(), copy.deepcopy(new).double()
+        return compare(_in_float64(a), _in_float64(b), small or specs, samples=check.samples,
+                       batch_size=check.batch_size, seed=check.seed, atol=check.atol,
+                       rtol=check.rtol)
+    except Exception:  # a layer without float64 kernels: the float32 verdict stands alone
+        return None
+
+
+def _check_inputs(gm: fx.GraphModule, new: fx.GraphModule,
+                  check: CheckOptions) -> tuple[Sequence[InputSpec], Sequence[InputSpec] | None]:
+    """The stored input specs, and the reduced ones the check runs at (None: full size)."""
+    specs = gm.meta.get(INPUTS_META)
+    if not specs:
+        raise InputError("the model has no input shape to check with; pass --input-shape")
+    return specs, None if check.full_size else reduced((gm, new), specs)
+
+
+def _in_float64(module: nn.Module) -> Runner:
+    run = torch_runner(module)
+    return lambda inputs: run([t.double() if t.is_floating_point() else t for t in inputs])
 
 
 def as_graph_module(model: nn.Module | str | Path,
