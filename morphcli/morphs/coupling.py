@@ -157,6 +157,10 @@ class _Walker:
         dim, group = self.plan.tensors[node]
         if node is group.source or node in self.forwarded:
             return  # its units come from an input already in the plan
+        if self.is_layer_norm(node):  # its units are its input's
+            self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
+            self.join(node.args[0], dim, group)
+            return
         if node.op == "call_module":
             m = self.module(node)
             rule = registry.lookup("widen_out", m)
@@ -186,17 +190,9 @@ class _Walker:
             if pt is not None and pt.keeps(m, dim, len(tensor_shape(node) or ())):
                 self.join(node.args[0], dim, group)
                 return
-            if isinstance(m, nn.LayerNorm):
-                self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
-                self.join(node.args[0], dim, group)
-                return
             self.refuse(node, "its output cannot be widened")
         if self.is_elementwise(node):
             self.join_operands(node, dim, group)
-            return
-        if node.op == "call_function" and node.target is F.layer_norm:
-            self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
-            self.join(node.args[0], dim, group)
             return
         if node.op == "call_function" and node.target is torch.cat:
             rank = len(tensor_shape(node) or ())
@@ -239,6 +235,11 @@ class _Walker:
             raise UnsupportedMorphError(
                 "cannot widen: the widened units reach the model's output (node "
                 f"{node.name!r}), which would change the output shape")
+        if self.is_layer_norm(user):
+            if user.args[0] is node:  # (its weight and bias are joined with its input)
+                self.norm_over_units(user, dim, rank, group)
+                self.follow(user, dim, group)
+            return
         if user.op == "call_module":
             m = self.module(user)
             if isinstance(m, nn.MultiheadAttention):
@@ -270,10 +271,6 @@ class _Walker:
                 return
             pt = registry.lookup("passthrough", m)
             if pt is not None and pt.keeps(m, dim, rank):
-                self.follow(user, dim, group)
-                return
-            if isinstance(m, nn.LayerNorm):
-                self.norm_over_units(user, dim, rank, group)
                 self.follow(user, dim, group)
                 return
             self.refuse(user, "morphcli has no rule to follow the widened units through it")
@@ -323,11 +320,6 @@ class _Walker:
             if dim != 1 or user.args[0] is not node:
                 self.refuse(user, "it pools or resizes along the widened axis")
             self.follow(user, dim, group)
-            return
-        if user.op == "call_function" and target is F.layer_norm:
-            if user.args[0] is node:  # (its weight and bias are joined with its input)
-                self.norm_over_units(user, dim, rank, group)
-                self.follow(user, dim, group)
             return
         if name in _SHAPE_METHODS or (user.op == "call_function" and target is getattr):
             self.shape_read(user, dim)
@@ -497,20 +489,31 @@ class _Walker:
             if index == 0:
                 self.follow(use, dim, group)
             elif use.users or index != 1:  # (``y, _ = attn(...)`` leaves the weights unread)
-                self.refuse(use, "the attention weights are read")
+                self.refuse(use, "the attention weights are read (only the attention's first "
+                            "output can carry the units)")
+
+    def is_layer_norm(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.module(node), nn.LayerNorm)
+        return node.op == "call_function" and node.target is F.layer_norm
 
     def norm_over_units(self, node: fx.Node, dim: int, rank: int, group: Group) -> None:
-        """A LayerNorm (module or F.layer_norm) that the units reach: over other axes they
-        pass through; over the units, its parameters follow the map and the map must copy
-        every unit equally often (``layer_norm``)."""
+        """A LayerNorm (module or F.layer_norm) that the units reach. Over other axes they pass
+        through. Over the units, its mean and variance stay the same only if every unit is
+        copied equally often and new units equal their source (``Group.uniform``); its
+        parameters follow the map."""
         module = self.module(node) if node.op == "call_module" else None
-        if module is not None:
-            normalized = len(module.normalized_shape)
-        else:
-            normalized = len(_arg(node, 1, "normalized_shape", ()))
-        if dim < rank - normalized:
+        shape = module.normalized_shape if module is not None else \
+            _arg(node, 1, "normalized_shape", ())
+        if dim < rank - len(shape):
             return
-        self.layer_norm(node, dim, rank, normalized, group)
+        if len(shape) != 1 or dim != rank - 1:
+            self.refuse(node, "LayerNorm normalises over the widened units together with "
+                        "other axes")
+        if group.source is not None:
+            self.refuse(node, "LayerNorm normalises over units laid out by a concatenation or "
+                        "flatten, which cannot all be copied equally often")
+        group.uniform = group.uniform or node
         if module is not None:
             self.add_channelwise(node, module, registry.lookup("channelwise", module), dim)
             return
@@ -520,22 +523,6 @@ class _Walker:
                 self.join(param, 0, group)
         if node not in self.plan.norm_shapes:
             self.plan.norm_shapes.append(node)
-
-    def layer_norm(self, node: fx.Node, dim: int, rank: int, normalized: int, group: Group) -> None:
-        """A LayerNorm over the widened units keeps every unit's value only if its mean and
-        variance stay the same: every unit copied equally often, new units equal to their
-        source (``Group.uniform``)."""
-        if normalized != 1 or dim != rank - 1:
-            self.refuse(
-                node, "LayerNorm normalises over the widened units together with other axes"
-            )
-        if group.source is not None:
-            self.refuse(
-                node,
-                "LayerNorm normalises over units laid out by a concatenation or "
-                "flatten, which cannot all be copied equally often",
-            )
-        group.uniform = group.uniform or node
 
     def require_blocks(self, node: fx.Node, group: Group, groups: int) -> None:
         """A grouped convolution reads (or writes) its channels in ``groups`` blocks: the map
@@ -570,9 +557,8 @@ def assign_maps(plan: Plan, target: fx.Node, root_map: ChannelMap) -> None:
             del pending[node]
             progressed = True
         if not progressed:
-            raise UnsupportedMorphError(
-                "cannot widen: the channel layouts depend on each other in a cycle"
-            )
+            raise UnsupportedMorphError("cannot widen: the channel layouts depend on each other "
+                                        "in a cycle")
     for node, (_, group) in plan.tensors.items():
         if group.cmap is None:
             raise UnsupportedMorphError(f"cannot widen: no channel layout for node {node.name!r}")

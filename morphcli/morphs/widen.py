@@ -139,8 +139,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         raise UnsupportedMorphError(
             f"cannot widen {target.target} to {width}: its units meet grouped convolutions "
             f"({blocks} groups), so the new width must be a multiple of {blocks} "
-            f"(e.g. --to {(width // blocks + 1) * blocks})"
-        )
+            f"(e.g. --to {(width // blocks + 1) * blocks})")
     if group.uniform is not None:
         root = _replicated(target, group.uniform, old, width, blocks, opts, result)
     elif blocks > 1:
@@ -164,32 +163,19 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     result.notes.append(f"{target.target}: {old} -> {width} units, init {opts.init}")
 
 
-def _replicated(
-    target: fx.Node,
-    norm: fx.Node,
-    old: int,
-    width: int,
-    blocks: int,
-    opts: WidenOptions,
-    result: MorphResult,
-) -> ChannelMap:
+def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: int,
+                opts: WidenOptions, result: MorphResult) -> ChannelMap:
     """The map for units a LayerNorm normalises over: every unit copied equally often."""
     if width % old:
         raise UnsupportedMorphError(
             f"cannot widen {target.target} to {width}: its units reach a LayerNorm (node "
             f"{norm.name!r}), whose mean and variance over them stay the same only when every "
             f"unit is copied equally often, so the new width must be a multiple of {old} "
-            f"(e.g. --factor 2)"
-        )
-    how = (
-        "new units copy their source's incoming weights and have zero outgoing weights"
-        if opts.init == ZERO
-        else "consumers divide each unit's weights by its copy count"
-    )
-    result.notes.append(
-        f"every unit is copied {width // old} times because LayerNorm (node "
-        f"{norm.name!r}) normalises over them; {how}"
-    )
+            f"(e.g. --factor 2)")
+    how = ("new units copy their source's incoming weights and have zero outgoing weights"
+           if opts.init == ZERO else "consumers divide each unit's weights by its copy count")
+    result.notes.append(f"every unit is copied {width // old} times because LayerNorm (node "
+                        f"{norm.name!r}) normalises over them; {how}")
     return ChannelMap.replicate(old, width, blocks)
 
 

@@ -21,7 +21,6 @@ from morphcli.errors import UnsupportedMorphError
 from morphcli.rules.channel_map import (
     ChannelMap,
     grow_inputs,
-    grow_outputs,
     set_param,
     shallow_copy,
 )
@@ -89,13 +88,12 @@ class SelfAttentionRule:
 def _out_projection(proj: nn.Linear, cmap: ChannelMap, kept: torch.Tensor, width: int,
                     ctx) -> nn.Linear:
     """Rows follow the stream's map; the new inner dimensions get zero columns."""
-    rows = grow_outputs(proj.weight, 0, cmap, ctx.out_init, ctx.gen, ctx.noise)
+    rows = ctx.grown_rows(proj.weight, 0, cmap)
     weight = rows.new_zeros(width, width)
     weight[:, kept] = rows
     new = shallow_copy(proj)
     set_param(new, "weight", weight)
     if proj.bias is not None:
-        set_param(new, "bias", grow_outputs(proj.bias, 0, cmap, ctx.out_init, ctx.gen,
-                                            is_bias=True))
+        set_param(new, "bias", ctx.grown_rows(proj.bias, 0, cmap, is_bias=True))
     new.in_features = new.out_features = width
     return new

@@ -32,10 +32,12 @@ class ResizeContext:
     # producers copy rows even for zero init; consumers still follow ``init``.
     mirror: bool = False
 
-    @property
-    def out_init(self) -> str:
-        """How producers fill new units' rows."""
-        return COPY if self.mirror else self.init
+    def grown_rows(self, t: torch.Tensor, axis: int, cmap: ChannelMap,
+                   is_bias: bool = False) -> torch.Tensor:
+        """A producer's ``t`` grown along ``axis`` by ``cmap``: new rows copy their source
+        (copy init, or ``mirror``) or are fresh random ones (zero init)."""
+        init = COPY if self.mirror else self.init
+        return grow_outputs(t, axis, cmap, init, self.gen, self.noise, is_bias=is_bias)
 
 
 def _last(rank: int) -> int:
@@ -67,13 +69,9 @@ class LinearRule:
         new = shallow_copy(m)
         w = m.weight
         if out_map is not None:
-            w = grow_outputs(w, 0, out_map, ctx.out_init, ctx.gen, ctx.noise)
+            w = ctx.grown_rows(w, 0, out_map)
             if m.bias is not None:
-                set_param(
-                    new,
-                    "bias",
-                    grow_outputs(m.bias, 0, out_map, ctx.out_init, ctx.gen, is_bias=True),
-                )
+                set_param(new, "bias", ctx.grown_rows(m.bias, 0, out_map, is_bias=True))
             new.out_features = out_map.width
         if in_map is not None:
             w = grow_inputs(w, 1, in_map, ctx.init, ctx.gen, ctx.noise if out_map is None else 0.0)
@@ -118,13 +116,9 @@ class ConvRule:
         new = shallow_copy(m)
         w = m.weight
         if out_map is not None:
-            w = grow_outputs(w, out_axis, out_map, ctx.out_init, ctx.gen, ctx.noise)
+            w = ctx.grown_rows(w, out_axis, out_map)
             if m.bias is not None:
-                set_param(
-                    new,
-                    "bias",
-                    grow_outputs(m.bias, 0, out_map, ctx.out_init, ctx.gen, is_bias=True),
-                )
+                set_param(new, "bias", ctx.grown_rows(m.bias, 0, out_map, is_bias=True))
             new.out_channels = out_map.width
         if in_map is not None:
             noise = ctx.noise if out_map is None else 0.0
@@ -195,9 +189,7 @@ class EmbeddingRule:
                ctx: ResizeContext) -> nn.Module:
         new = shallow_copy(m)
         assert out_map is not None
-        set_param(
-            new, "weight", grow_outputs(m.weight, 1, out_map, ctx.out_init, ctx.gen, ctx.noise)
-        )
+        set_param(new, "weight", ctx.grown_rows(m.weight, 1, out_map))
         new.embedding_dim = out_map.width
         return new
 
