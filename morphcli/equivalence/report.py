@@ -11,18 +11,28 @@ DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 0.0
 DEFAULT_SAMPLES = 8
 DEFAULT_BATCH_SIZE = 4
-# Input distributions, cycled over batches: unit normal, then a larger scale.
-INPUT_SCALES = (1.0, 10.0)
+# Floating-point inputs are normal samples times these scales, cycled over batches (integer
+# inputs, token ids, keep their range). They span six orders of magnitude so that a model that
+# differs only on large inputs (a clamp, a saturation) or tiny ones (an epsilon, a bias) fails;
+# unit scale first, then the extremes, so the default three batches already span them all.
+INPUT_SCALES = (1.0, 1e-3, 1e3, 10.0)
 
 
 @dataclass(frozen=True)
 class OutputDiff:
+    """One output tensor, figures from its worst batch. ``index`` counts tensors in
+    ``flatten_outputs`` order; ``path`` locates the tensor in the output (``output[1]['x']``)."""
+
     index: int
     shape_a: list[int]
     shape_b: list[int]
     max_abs: float
     max_rel: float
     scale: float
+    path: str = "output"
+    dtype_a: str = ""
+    dtype_b: str = ""
+    input_scale: float = 1.0  # the scale of the inputs of that batch
 
 
 @dataclass
@@ -39,6 +49,12 @@ class CheckReport:
     seed: int
     outputs: list[OutputDiff] = field(default_factory=list)
     reason: str | None = None
+    batch_sizes: list[int] = field(default_factory=list)  # the batches run, in order
+    input_scales: list[float] = field(default_factory=list)  # the input scale of each batch
+    # False when a model's runtime gives only a flat list of tensors (ONNX): then only the
+    # tensors were compared, not the containers, keys and plain values around them.
+    structure_compared: bool = True
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -47,7 +63,7 @@ class CheckReport:
         verdict = "equivalent" if self.equivalent else "NOT equivalent"
         text = (f"{verdict}: max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g} "
                 f"over {self.samples} samples (atol {self.atol:g}, rtol {self.rtol:g})")
-        return f"{text}; {self.reason}" if self.reason else text
+        return "; ".join([text, *([self.reason] if self.reason else []), *self.notes])
 
 
 def _finite(v: Any) -> Any:

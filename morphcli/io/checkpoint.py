@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +14,19 @@ from torch import nn
 from morphcli.errors import NonFiniteWeightsWarning
 from morphcli.graph.inputs import InputSpec
 
-# Something that runs a model we cannot rebuild as a graph (ONNX, foreign .pt2): inputs -> outputs.
-Runner = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+# Something that runs a model: inputs -> what the model returns (tensors, possibly nested in
+# tuples, lists and dicts beside plain values), or FlatOutputs where the runtime gives only a
+# flat list of tensors (ONNX Runtime). The check compares the whole structure.
+Runner = Callable[[Sequence[torch.Tensor]], Any]
+
+
+@dataclass(frozen=True)
+class FlatOutputs:
+    """The output tensors of a runtime that has no output structure (ONNX Runtime), in the
+    order of ``flatten_outputs``: they are compared with the other model's tensors so ordered."""
+
+    tensors: tuple[torch.Tensor, ...]
+    runtime: str  # for messages: "ONNX Runtime"
 
 
 @dataclass
@@ -32,25 +43,82 @@ class Checkpoint:
 
 
 def torch_runner(module: nn.Module) -> Runner:
-    """A Runner for a torch module, run without gradients; outputs flattened in order."""
+    """A Runner for a torch module, run without gradients; returns the module's own output
+    structure (``flatten_outputs`` gives its tensors)."""
 
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(inputs: Sequence[torch.Tensor]) -> Any:
         with torch.no_grad():
-            return list(flatten_outputs(module(*inputs)))
+            return module(*inputs)
 
     return run
 
 
 def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
-    """Tensors of a model's output in a stable order (tuples in order, dicts by key)."""
+    """Tensors of a model's output, in the order torch's exporters (pytree) flatten it, which
+    is the order of a .onnx file's outputs: sequences in order, dicts in insertion order.
+    Anything that is not a tensor is skipped."""
     if isinstance(out, torch.Tensor):
         yield out
     elif isinstance(out, (list, tuple)):
         for o in out:
             yield from flatten_outputs(o)
-    elif isinstance(out, dict):
-        for k in sorted(out):
-            yield from flatten_outputs(out[k])
+    elif isinstance(out, Mapping):
+        for o in out.values():
+            yield from flatten_outputs(o)
+
+
+# A tensor's place in an output structure built by ``described_structure``.
+_SLOT = object()
+
+
+def described_structure(desc: Any) -> Any:
+    """The output structure that an architecture description (``graph.describe``) records,
+    with a placeholder for each node's tensor; None when the description is malformed or the
+    output holds a constant. ONNX files carry the description of the model they were exported
+    from, and so the structure their flat outputs came from (``unflatten_outputs``).
+    """
+    try:
+        output = desc["nodes"][-1]
+        if output.get("op") != "output":
+            return None
+        (encoded,) = output["args"]["tuple"]
+        return _template(encoded)
+    except Exception:  # damaged or foreign metadata: the outputs stay flat
+        return None
+
+
+def _template(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_template(x) for x in v]
+    (tag, x), = v.items()
+    if tag == "node" and isinstance(x, str):
+        return _SLOT
+    if tag == "tuple" and isinstance(x, list):
+        return tuple(_template(y) for y in x)
+    if tag == "dict" and isinstance(x, dict):
+        return {str(k): _template(y) for k, y in x.items()}
+    raise ValueError(f"no tensor structure: {tag}")  # a constant: exporters cannot give it
+
+
+def unflatten_outputs(template: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """Put ``tensors`` (in ``flatten_outputs`` order) into ``template``'s places; None when
+    their count does not match."""
+    it = iter(tensors)
+    try:
+        out = _fill(template, it)
+    except StopIteration:
+        return None
+    return out if next(it, None) is None else None
+
+
+def _fill(template: Any, it: Iterator[torch.Tensor]) -> Any:
+    if template is _SLOT:
+        return next(it)
+    if isinstance(template, list):
+        return [_fill(t, it) for t in template]
+    if isinstance(template, tuple):
+        return tuple([_fill(t, it) for t in template])  # a generator would eat StopIteration
+    return {k: _fill(t, it) for k, t in template.items()}
 
 
 def warn_if_not_finite(source: str, tensors: Iterable[tuple[str, Any]]) -> None:
