@@ -14,18 +14,22 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
-from morphcli.errors import InputError
-from morphcli.graph.describe import describe, rebuild
+from morphcli.errors import InputError, UnsafeCheckpointError
+from morphcli.graph.describe import describe, parse_description, rebuild
 from morphcli.graph.inputs import INPUTS_META, InputSpec, checked_shape, example_inputs
 from morphcli.io.atomic import latched
 from morphcli.io.checkpoint import Checkpoint, torch_runner, warn_if_not_finite
 
+if TYPE_CHECKING:
+    from morphcli.io.pt2_archive import Pt2Archive
+
 PT2_EXTRA = "morphcli.architecture.json"
+_PT2_WHAT = "architecture description in .pt2"
 ONNX_METADATA = "morphcli.architecture"
 ONNX_OPSET = 18
 
@@ -44,23 +48,67 @@ def write_pt2(gm: fx.GraphModule, dest: Path) -> None:
                           extra_files={PT2_EXTRA: json.dumps(describe(gm))})
 
 
-def read_pt2(source: str, data: Path | io.BytesIO) -> Checkpoint:
+def read_pt2(source: str, data: Path | io.BytesIO, trust: bool = False) -> Checkpoint:
+    """Read a ``.pt2`` without unpickling anything (see ``pt2_archive``): a file morph wrote
+    is rebuilt from its description and raw tensors, any other program is deserialized from
+    its checked JSON. ``trust`` falls back to ``torch.export.load`` where that is refused."""
+    from morphcli.io.pt2_archive import read_archive
+
+    try:
+        archive = read_archive(source, data)
+    except UnsafeCheckpointError:
+        if not trust:
+            raise
+        return _read_pt2_trusted(source, data)
+    if PT2_EXTRA in archive.extra:
+        desc = parse_description(archive.extra[PT2_EXTRA], source, _PT2_WHAT)
+        needed = _needed_keys(desc, archive.tensors)
+        return Checkpoint(source, graph_module=rebuild(desc, needed, source), kind="morphcli .pt2")
+    program = _program(archive, data, trust)
+    return _foreign_pt2(source, program)
+
+
+def _program(archive: Pt2Archive, data: Path | io.BytesIO, trust: bool
+             ) -> torch.export.ExportedProgram:
+    from morphcli.io.pt2_archive import load_program, load_program_trusted
+
+    try:
+        with _quiet():
+            return load_program(archive)
+    except InputError as e:
+        if not trust:
+            raise
+        try:
+            with _quiet():
+                return load_program_trusted(data)
+        except Exception as e2:
+            raise InputError(f"{archive.source}: cannot read as a torch.export program: "
+                             f"{_reason(e2)}") from e
+
+
+def _read_pt2_trusted(source: str, data: Path | io.BytesIO) -> Checkpoint:
+    from morphcli.io.pt2_archive import load_program_trusted
+
     extra = {PT2_EXTRA: ""}
     try:
         with _quiet():
-            program = torch.export.load(data if isinstance(data, io.BytesIO) else str(data),
-                                        extra_files=extra)
+            program = load_program_trusted(data, extra)
     except Exception as e:
         raise InputError(f"{source}: cannot read as a torch.export program: {_reason(e)}") from e
     if extra[PT2_EXTRA]:
-        try:
-            desc = json.loads(extra[PT2_EXTRA])
-        except ValueError as e:
-            raise InputError(f"{source}: damaged architecture description in .pt2") from e
+        desc = parse_description(extra[PT2_EXTRA], source, _PT2_WHAT)
         tensors = {**program.state_dict, **program.constants}
         needed = _needed_keys(desc, tensors)
         return Checkpoint(source, graph_module=rebuild(desc, needed, source), kind="morphcli .pt2")
-    module = program.module()
+    return _foreign_pt2(source, program)
+
+
+def _foreign_pt2(source: str, program: torch.export.ExportedProgram) -> Checkpoint:
+    try:
+        with _quiet():
+            module = program.module()
+    except Exception as e:
+        raise InputError(f"{source}: cannot run the torch.export program: {_reason(e)}") from e
     return Checkpoint(source, runner=torch_runner(module), kind="torch.export program",
                       inputs=_pt2_inputs(program))
 
@@ -154,11 +202,13 @@ def read_onnx(source: str, data: Path | bytes) -> Checkpoint:
         raise InputError(f"{source}: not a valid ONNX model: {_reason(e)}") from e
     warn_if_not_finite(source, _onnx_weights(proto))
     specs = _onnx_inputs(proto)
+    from morphcli.graph.budget import onnx_budget  # over a cap: refused before ORT builds it
+    sized = onnx_budget(proto, source)
     try:
         runner = _onnx_runner(proto)
     except Exception as e:  # onnx.checker does not check every attribute value; ORT does
         raise InputError(f"{source}: onnxruntime cannot load the model: {_reason(e)}") from e
-    return Checkpoint(source, runner=runner, inputs=specs, kind="ONNX model")
+    return Checkpoint(source, runner=sized(runner), inputs=specs, kind="ONNX model")
 
 
 def _onnx_weights(proto: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -204,17 +254,30 @@ def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
 
 
 def _onnx_runner(proto: Any):
+    """A Runner for an ONNX model. ONNX outputs are a flat list of tensors (the exporters
+    flatten tuples and dicts and cannot export other values). Files we wrote carry the
+    description of the model they came from, whose output structure is put back together;
+    a foreign file's outputs stay flat (FlatOutputs), and the check says so."""
     import onnxruntime as ort
+
+    from morphcli.io.checkpoint import FlatOutputs, described_structure, unflatten_outputs
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors reach the user as one line of ours, not ORT's log
     session = ort.InferenceSession(proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
+    stored = {p.key: p.value for p in proto.metadata_props}.get(ONNX_METADATA)
+    try:
+        template = described_structure(json.loads(stored)) if stored else None
+    except (ValueError, RecursionError):  # damaged metadata: the outputs stay flat
+        template = None
 
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(inputs: Sequence[torch.Tensor]) -> Any:
         feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
-        return [torch.from_numpy(o) for o in session.run(None, feed)]
+        outs = tuple(torch.from_numpy(o) for o in session.run(None, feed))
+        structured = unflatten_outputs(template, outs) if template is not None else None
+        return FlatOutputs(outs, "ONNX Runtime") if structured is None else structured
 
     return run
 
@@ -267,9 +330,13 @@ def _reason(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def pt2_runner(path: Path) -> Any:
-    """Run a .pt2 file as plain torch would: ``torch.export.load(p).module()``."""
+def pt2_runner(data: Path | bytes) -> Any:
+    """Run a .pt2 file as plain torch would (``torch.export.load(p).module()``), loaded through
+    morph's own reader, which unpickles nothing: only the program is run, not the description."""
     from morphcli.io.checkpoint import torch_runner
+    from morphcli.io.pt2_archive import load_program, read_archive
 
+    source = "stdout" if isinstance(data, bytes) else str(data)
+    archive = read_archive(source, io.BytesIO(data) if isinstance(data, bytes) else data)
     with _quiet():
-        return torch_runner(torch.export.load(str(path)).module())
+        return torch_runner(load_program(archive).module())

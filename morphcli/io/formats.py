@@ -51,7 +51,7 @@ def _write_safetensors(gm: fx.GraphModule, dest: Path) -> None:
 def _read_pt2(source: str, data: Path | bytes, trust: bool) -> Checkpoint:
     from morphcli.io.export_file import read_pt2
 
-    return read_pt2(source, io.BytesIO(data) if isinstance(data, bytes) else data)
+    return read_pt2(source, io.BytesIO(data) if isinstance(data, bytes) else data, trust)
 
 
 def _write_pt2(gm: fx.GraphModule, dest: Path) -> None:
