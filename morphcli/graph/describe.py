@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import re
+from array import array
 from collections.abc import Mapping
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -20,15 +23,17 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.errors import InputError
-from morphcli.graph import allowlist
+from morphcli.graph import allowlist, names
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 
 FORMAT = "morphcli.architecture"
 VERSION = 1
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # torch allows "block1-0"
 _MAX_NODES = 1_000_000
+# A description nests a few levels (a node's tuple of lists of values); json.loads recurses once
+# per level and the interpreter gives up near 1000, so deeper documents are refused unparsed.
+MAX_JSON_DEPTH = 64
+MAX_JSON_BYTES = 256 * 2**20  # a million nodes take ~150 MiB
 
 # Constructor arguments that are not plain attributes of the same name.
 _ARG_READERS: dict[str, Any] = {
@@ -219,6 +224,67 @@ def _encode(v: Any, where: str) -> Any:
     raise DescribeError(f"{where}: cannot store a value of type {type(v).__name__}")
 
 
+# ---------------------------------------------------------------- reading JSON
+
+
+def parse_description(text: str | bytes, source: str, what: str = "architecture description"
+                      ) -> Any:
+    """``json.loads`` for JSON from a file, bounded in size and nesting depth: every reader of a
+    description or header goes through it, so a deeply nested document is an InputError, not
+    a RecursionError. ``source`` and ``what`` start the message.
+
+    >>> parse_description('{"format": "morphcli.architecture"}', "model.pt")
+    {'format': 'morphcli.architecture'}
+    """
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise InputError(f"{source}: damaged {what} (a {type(text).__name__}, not text)")
+    if not isinstance(text, str):  # json.loads would guess UTF-16 or -32 too; the scan is UTF-8
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{source}: damaged {what} (not UTF-8 text: {e.reason} at byte "
+                             f"{e.start})") from e
+    if len(text) > MAX_JSON_BYTES:
+        raise InputError(f"{source}: {what} is {len(text):,} bytes, more than the "
+                         f"{MAX_JSON_BYTES:,} morph reads; the file is damaged or not morph's")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise InputError(f"{source}: damaged {what}: it nests {depth} levels deep, more than "
+                         f"the {MAX_JSON_DEPTH} morph reads")
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
+        raise InputError(f"{source}: damaged {what} (not JSON: {_first_line(e)})") from e
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_SIGNS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")  # +1 / -1 as signed bytes
+
+
+def json_depth(text: str | bytes) -> int:
+    """The deepest nesting of brackets in ``text`` (str, or UTF-8 bytes) outside string
+    literals, without parsing (C-speed byte operations, about a quarter of json.loads' time).
+    For invalid JSON it is at least the depth json.loads reaches before it finds the error."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    if b"\\" in raw:
+        raw = _ESCAPE.sub(b"", raw)  # escapes first: \" does not end a string
+    raw = _STRING.sub(b"", raw.translate(None, _NOT_STRUCTURE)).replace(b'"', b"")
+    return max(accumulate(array("b", raw.translate(_SIGNS))), default=0)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line: torch's messages quote names from the file as they
+    are, newlines included, and the CLI prints exactly one line."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 # ---------------------------------------------------------------- rebuilding
 
 
@@ -234,8 +300,8 @@ def rebuild(desc: Any, tensors: Mapping[str, torch.Tensor], source: str | None =
             raise
         raise InputError(f"{where}{e}") from e
     except Exception as e:  # a malformed description can fail anywhere; report it as bad input
-        raise InputError(f"{where}invalid architecture description: {type(e).__name__}: {e}"
-                         ) from e
+        raise InputError(f"{where}invalid architecture description: {type(e).__name__}: "
+                         f"{_one_line(e)}") from e
 
 
 def _rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
@@ -253,13 +319,13 @@ def _rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
         if path not in tensors:
             raise InputError(f"tensor {path!r} is missing from the file")
         t = tensors[path]
-        _set_path(root, _checked_path(path), nn.Parameter(t, requires_grad=t.is_floating_point())
-                  if kind == "parameter" else t, buffer=kind != "parameter")
+        value = nn.Parameter(t, requires_grad=t.is_floating_point()) if kind == "parameter" else t
+        _set_path(root, _checked_path(path, "tensor path"), value, buffer=kind != "parameter")
     _load_tensors(root, tensors)
     graph = _build_graph(desc.get("nodes"), root)
-    name = desc.get("class_name")
-    gm = fx.GraphModule(root, graph, class_name=name if isinstance(name, str)
-                        and _IDENT.match(name) else "Model")
+    name = desc.get("class_name")  # only a label (the class's __name__): a bad one is replaced
+    gm = fx.GraphModule(root, graph, class_name=name if names.identifier_problem(name) is None
+                        else "Model")
     gm.eval()
     if desc.get("inputs"):
         gm.meta[INPUTS_META] = tuple(InputSpec.from_json(s) for s in desc["inputs"])
@@ -273,9 +339,10 @@ def _mapping(desc: dict, key: str) -> dict:
     return value
 
 
-def _checked_path(path: Any) -> str:
-    if not isinstance(path, str) or not _PATH.match(path):
-        raise InputError(f"architecture description: bad layer path {path!r}")
+def _checked_path(path: Any, what: str = "layer path") -> str:
+    problem = names.path_problem(path)
+    if problem:
+        raise InputError(f"architecture description: bad {what} {path!r:.80}: {problem}")
     return path
 
 
@@ -290,13 +357,19 @@ def _build_module(path: str, spec: Any) -> nn.Module:
     args = _decode({"dict": spec.get("args", {})}, {})
     if not isinstance(args, dict):
         raise InputError(f"layer {path!r}: arguments must be a mapping")
+    for key in args:
+        problem = names.identifier_problem(key)
+        if problem:
+            raise InputError(f"layer {path!r} ({spec['type']}): bad argument name {key!r:.80}: "
+                             f"{problem}")
     try:
         # Built on the meta device: no memory or time is spent on sizes the file claims, and
         # the real tensors are assigned afterwards (checked against these shapes).
         with torch.device("meta"):
             return cls(**args)
     except Exception as e:
-        raise InputError(f"layer {path!r} ({spec['type']}): bad arguments {args}: {e}") from e
+        raise InputError(f"layer {path!r} ({spec['type']}): bad arguments {args}: "
+                         f"{_one_line(e)}") from e
 
 
 def _load_tensors(root: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -331,25 +404,32 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
     env: dict[str, fx.Node] = {}
     functions = allowlist.functions()
     methods = allowlist.tensor_methods()
-    outputs = 0
+    outputs = placeholders = 0
+    inputs: set[str] = set()
     for d in nodes:
         if not isinstance(d, dict):
             raise InputError("architecture description: malformed node")
         op, name, target = d.get("op"), d.get("name"), d.get("target")
-        if not isinstance(name, str) or not _IDENT.match(name) or name in env:
-            raise InputError(f"architecture description: bad or repeated node name {name!r}")
+        problem = "is used twice" if name in env else names.node_name_problem(name)
+        if problem:
+            raise InputError(
+                f"architecture description: bad or repeated node name {name!r:.80}: {problem}")
         args = _decode(d.get("args", {"tuple": []}), env)
         kwargs = _decode(d.get("kwargs", {"dict": {}}), env)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise InputError(f"node {name!r}: malformed arguments")
+        _check_kwargs(name, kwargs)
         if op == "placeholder":
-            node = graph.placeholder(_checked_ident(target))
+            if len(env) > placeholders:
+                raise InputError(f"node {name!r}: inputs (placeholders) must come first")
+            node = graph.placeholder(_checked_input(target, name, inputs))
+            placeholders += 1
         elif op == "get_attr":
-            _require_tensor(root, _checked_path(target), name)
-            node = graph.get_attr(target)
+            _require_tensor(root, target, name)
+            node = graph.get_attr(_checked_path(target, "tensor path"))
         elif op == "call_module":
-            _require_module(root, _checked_path(target), name)
-            node = graph.call_module(target, args, kwargs)
+            _require_module(root, target, name)
+            node = graph.call_module(_checked_path(target), args, kwargs)
         elif op == "call_function":
             if target not in functions:
                 raise InputError(f"node {name!r} calls {target!r}, which is not allowlisted")
@@ -359,7 +439,7 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
                 raise InputError(f"node {name!r} reads an attribute that is not allowlisted")
             node = graph.call_function(functions[target], args, kwargs)
         elif op == "call_method":
-            if target not in methods:
+            if target not in methods or names.identifier_problem(target):
                 raise InputError(f"node {name!r} calls method {target!r}, which is not allowlisted")
             node = graph.call_method(target, args, kwargs)
         elif op == "output":
@@ -376,26 +456,45 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
     return graph
 
 
-def _checked_ident(name: Any) -> str:
-    if not isinstance(name, str) or not _IDENT.match(name):
-        raise InputError(f"architecture description: bad input name {name!r}")
-    return name
+def _checked_input(target: Any, node: str, seen: set[str]) -> str:
+    """A placeholder's target is pasted into ``def forward(self, ...)`` as it is."""
+    problem = "is used twice" if target in seen else names.input_problem(target)
+    if problem:
+        raise InputError(f"node {node!r}: bad input name {target!r:.80}: {problem}")
+    seen.add(target)
+    return target
 
 
-def _require_module(root: nn.Module, path: str, node: str) -> None:
+def _check_kwargs(node: str, kwargs: dict[str, Any]) -> None:
+    """fx writes each key into the call as ``key = value``, unquoted."""
+    for key in kwargs:
+        problem = names.identifier_problem(key)
+        if problem:
+            raise InputError(f"node {node!r}: bad keyword argument name {key!r:.80}: {problem}")
+
+
+def _require_module(root: nn.Module, path: Any, node: str) -> None:
     try:
         root.get_submodule(path)
-    except AttributeError:
-        raise InputError(f"node {node!r} calls layer {path!r}, which is not described") from None
+    except (AttributeError, TypeError):
+        raise InputError(f"node {node!r} calls layer {path!r:.80}, which is not described"
+                         ) from None
 
 
-def _require_tensor(root: nn.Module, path: str, node: str) -> None:
-    try:
-        value = _get_path(root, path)
-    except AttributeError:
-        value = None
+def _require_tensor(root: nn.Module, path: Any, node: str) -> None:
+    """``path`` must name a parameter or buffer the description registered: not an attribute
+    reached through one (``fc.weight.T``, ``fc.__class__``)."""
+    value = None
+    if isinstance(path, str):
+        parent, _, leaf = path.rpartition(".")
+        try:
+            owner = root.get_submodule(parent)
+        except AttributeError:
+            owner = None
+        if owner is not None:
+            value = owner._parameters.get(leaf, owner._buffers.get(leaf))
     if not isinstance(value, torch.Tensor):
-        raise InputError(f"node {node!r} reads tensor {path!r}, which is not described")
+        raise InputError(f"node {node!r} reads tensor {path!r:.80}, which is not described")
 
 
 def _decode(v: Any, env: Mapping[str, fx.Node]) -> Any:

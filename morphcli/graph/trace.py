@@ -12,6 +12,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from morphcli.errors import InputError, TraceError
+from morphcli.graph import names
 from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
 from morphcli.graph.shapes import Snapshot, infer, refresh
 
@@ -25,11 +26,14 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None) -> fx.GraphModule:
+def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
+          source: str | None = None) -> fx.GraphModule:
     """Trace ``module`` (in eval mode) into a GraphModule and attach ``inputs`` to it.
+    ``source`` (the file) starts the message when a layer's name cannot be used.
 
     >>> gm = trace(nn.Sequential(nn.Linear(4, 2)), [InputSpec((1, 4))])
     """
+    check_names(module, source)
     if isinstance(module, fx.GraphModule):
         gm = module
     else:
@@ -42,13 +46,50 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None) -> fx.Gr
             raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}") from e
         finally:
             module.train(was_training)
+        _check_input_names(graph, source)
         name = type(module).__name__
-        gm = fx.GraphModule(module, graph, class_name=name if name.isidentifier() else "Model")
+        gm = fx.GraphModule(module, graph, class_name=name
+                            if names.identifier_problem(name) is None else "Model")
     gm.eval()
     if inputs is not None:
         gm.meta[INPUTS_META] = tuple(inputs)
         propagate_shapes(gm)
     return gm
+
+
+def check_names(module: nn.Module, source: str | None = None) -> None:
+    """Raise InputError if a layer, parameter or buffer of ``module`` has a name torch.fx's
+    generated code cannot hold (``a b``, ``é``, ``self``, ``def``), before any work is done on
+    it: fx would write broken code (or, for ``self``, code that runs the wrong thing), and morph
+    could not save and reload the result. Indices (``0``) and hyphens (``block1-0``) are fine.
+
+    >>> check_names(nn.Sequential(nn.Linear(4, 2)))
+    """
+    where = f"{source}: " if source else ""
+    for path, m in module.named_modules():
+        prefix = f"{path}." if path else ""
+        kinds = (("layer", m._modules), ("parameter", m._parameters), ("buffer", m._buffers))
+        for kind, table in kinds:
+            for name, value in table.items():
+                problem = names.part_problem(name, top=not path) if isinstance(name, str) \
+                    else f"is a {type(name).__name__}, not a string"
+                if problem is None:
+                    continue
+                what = f" ({type(value).__name__})" if kind == "layer" else ""
+                raise InputError(
+                    f"{where}{kind} {prefix + str(name)!r}{what}: the name {name!r} {problem}, "
+                    "so torch.fx cannot write code for it; rename it in the model (and in its "
+                    "state_dict keys) and save the model again")
+
+
+def _check_input_names(graph: fx.Graph, source: str | None) -> None:
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            problem = names.input_problem(str(node.target).lstrip("*"))
+            if problem:
+                where = f"{source}: " if source else ""
+                raise InputError(f"{where}the model's input {node.target!r} {problem}; rename "
+                                 "that argument of its forward()")
 
 
 def _substitute_layers(module: nn.Module) -> None:
@@ -78,6 +119,8 @@ def propagate_shapes(gm: fx.GraphModule) -> None:
     try:
         infer(gm, specs)  # without a forward pass of the whole model
         return
+    except InputError:  # over a cap of graph.budget: running it would cost more still
+        raise
     except Exception:
         pass  # ShapeProp below runs the model, and says where and why it fails
     prop = _ShapeProp(gm)

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from morphcli.errors import InputError
-from morphcli.graph.describe import describe, rebuild, state_tensors
+from morphcli.graph.describe import describe, parse_description, rebuild, state_tensors
 from morphcli.io.checkpoint import Checkpoint
 
 METADATA_KEY = "morphcli.architecture"
@@ -27,20 +27,19 @@ def read_safetensors(source: str, data: Path | bytes) -> Checkpoint:
     try:
         if isinstance(data, bytes):
             tensors = load_bytes(data)
-            metadata = _metadata_of_bytes(data)
+            metadata = _metadata_of_bytes(source, data)
         else:
             with safe_open(str(data), framework="pt") as f:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"{source}: cannot read as safetensors: {_reason(e)}") from e
     text = metadata.get(METADATA_KEY)
     if text is None:
         return Checkpoint(source, state_dict=tensors, kind="safetensors state_dict")
-    try:
-        desc = json.loads(text)
-    except ValueError as e:
-        raise InputError(f"{source}: damaged architecture metadata (not JSON)") from e
+    desc = parse_description(text, source, "architecture metadata")
     return Checkpoint(source, graph_module=rebuild(desc, tensors, source),
                       kind="morphcli safetensors")
 
@@ -129,9 +128,9 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _metadata_of_bytes(data: bytes) -> dict[str, str]:
+def _metadata_of_bytes(source: str, data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+    header = parse_description(data[8 : 8 + n], source, "safetensors header")
     return header.get("__metadata__", {}) or {}
 
 

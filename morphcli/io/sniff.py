@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import struct
+
+from morphcli.errors import InputError
 
 ZIP = b"PK\x03\x04"
 
@@ -17,10 +18,12 @@ def sniff(head: bytes) -> str | None:
     if len(head) >= 10:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
+            from morphcli.graph.describe import parse_description  # torch: only when needed
+
             try:
-                json.loads(head[8 : 8 + n])
+                parse_description(head[8 : 8 + n], "header", "safetensors header")
                 return ".safetensors"
-            except ValueError:
+            except InputError:  # not JSON, or nested too deep to parse safely
                 if n > len(head) - 8:
                     return ".safetensors"
     if head[:1] == b"\x08" and b"pytorch" in head[:256].lower() or b"onnx" in head[:64].lower():

@@ -21,7 +21,7 @@ from torch import nn
 
 from morphcli.errors import InputError, UnsafeCheckpointError
 from morphcli.graph import allowlist
-from morphcli.graph.describe import check_layer, describe, rebuild, state_tensors
+from morphcli.graph.describe import check_layer, describe, parse_description, rebuild, state_tensors
 from morphcli.io.atomic import latched
 from morphcli.io.checkpoint import Checkpoint
 
@@ -76,10 +76,7 @@ def _from_archive(source: str, obj: dict) -> Checkpoint:
         raise InputError(f"{source}: damaged morphcli archive (architecture or tensors missing)")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise InputError(f"{source}: damaged morphcli archive (tensors malformed)")
-    try:
-        desc = json.loads(text)
-    except ValueError as e:
-        raise InputError(f"{source}: damaged morphcli archive (description is not JSON)") from e
+    desc = parse_description(text, source, "morphcli archive (its architecture description)")
     gm = rebuild(desc, tensors, source)
     return Checkpoint(source, graph_module=gm, kind="morphcli archive")
 
@@ -197,6 +194,11 @@ def _python3_name(name: str) -> str:
 
 def _reason(e: Exception) -> str:
     message = str(e).strip()
+    # torch takes any file that reads as a tar archive (an all-zero file does too) for its
+    # legacy .tar format, and advises weights_only=False; that would not help, so say what is.
+    if "legacy .tar format" in message or "filename 'storages' not found" in message:
+        return ("no zip or pickle header, so it is not one (the file reads as a tar "
+                "archive, or is all zeros)")
     # torch's weights-only errors open with advice to retry with weights_only=False; the
     # actual reason follows "WeightsUnpickler error:" (e.g. "Unsupported operand 59").
     _, marker, rest = message.partition("WeightsUnpickler error:")
