@@ -16,6 +16,7 @@ from morphcli.equivalence.report import (
     CheckReport,
 )
 from morphcli.errors import InputError
+from morphcli.graph import budget
 from morphcli.io.api import open_runner
 
 
@@ -45,5 +46,7 @@ def check(
     for m in (a, b):
         if isinstance(m, nn.Module):
             m.eval()
+    # Sized from shapes first: refused over a cap (graph.budget) before anything is allocated.
+    budget.check_run([run_a, run_b], specs, samples=samples, batch_size=batch_size)
     return compare(run_a, run_b, specs, samples=samples, batch_size=batch_size, seed=seed,
                    atol=atol, rtol=rtol, progress=progress)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from morphcli.errors import InputError
+from morphcli.graph import budget
 
 INPUTS_META = "morphcli.inputs"
 
@@ -44,8 +45,8 @@ class InputSpec:
 
 
 # Input shapes read from a file decide how much memory checking allocates, so a damaged or
-# hostile file must not claim terabytes: a cap far above any real model's input.
-MAX_INPUT_ELEMENTS = 1 << 28
+# hostile file must not claim terabytes: a cap far above any real model's input (2^28 elements,
+# MORPH_MAX_INPUT_ELEMENTS), which a check applies again to all its inputs at its batch size.
 MAX_INPUT_DIMS = 8
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
            "uint8", "bool")
@@ -55,9 +56,11 @@ def checked_shape(shape: tuple[int, ...], what: str) -> tuple[int, ...]:
     """``shape`` if it is a sane input shape (positive, few dimensions, bounded size)."""
     if len(shape) > MAX_INPUT_DIMS or any(d < 1 for d in shape):
         raise InputError(f"{what} {shape} is not a valid input shape")
-    if math.prod(shape) > MAX_INPUT_ELEMENTS:
-        raise InputError(f"{what} {shape} has {math.prod(shape):,} elements, more than the "
-                         f"{MAX_INPUT_ELEMENTS:,} morph allocates for one input")
+    n, limit = math.prod(shape), budget.MAX_INPUT_ELEMENTS.limit()
+    if n > limit:
+        raise budget.BudgetError(
+            f"{what} {shape} has {n:,} elements, more than the {limit:,} morph allocates for "
+            f"one input; set {budget.MAX_INPUT_ELEMENTS.variable}={n} to raise it")
     return shape
 
 
@@ -95,4 +98,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
             f"bad --input-shape {text!r}: expected positive integers separated by commas, "
             "e.g. 1,3,32,32"
         )
-    return dims
+    if len(dims) > MAX_INPUT_DIMS:
+        raise InputError(f"bad --input-shape {text!r}: {len(dims)} dimensions; morph takes "
+                         f"inputs of at most {MAX_INPUT_DIMS}")
+    return checked_shape(dims, f"--input-shape {text!r}")

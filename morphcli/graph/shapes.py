@@ -2,10 +2,14 @@
 
 ShapeProp runs the model on an example input: a ResNet-50 at 224x224 costs most of a second,
 nearly all of it in convolutions. Here convolutions and linear layers get their output shape by
-formula (after checking their input as torch would), and every other node is run on zeros of its
-inputs' shapes, which is cheap for the layers left. The metadata is ShapeProp's
-(``node.meta["tensor_meta"]``), so the rest of morphcli cannot tell the difference; anything
-this cannot do (or a model that rejects its input) raises, and the caller runs ShapeProp.
+formula (after checking their input as torch would), and every other node is run on torch's
+meta device (tensors with shapes and no data), so a file describing a huge tensor costs nothing
+to look at; a node that needs real values (``.item()``, ``nonzero``) is run on zeros instead.
+The metadata is ShapeProp's (``node.meta["tensor_meta"]``), so the rest of morphcli cannot tell
+the difference. On loading, every tensor is counted against the caps of ``graph.budget`` as it
+is sized; a graph that needs real inputs is then run by a ShapeProp that sizes each node on the
+meta device before running it. Anything this cannot do (or a model that rejects its input)
+raises, and the caller runs ShapeProp to say where and why.
 
 After an edit, only the nodes that changed, or read a tensor whose shape changed, are
 recomputed (``refresh``).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -24,8 +29,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_arg
-from torch.fx.passes.shape_prop import TensorMetadata
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from morphcli.graph import budget
 from morphcli.graph.inputs import InputSpec
 
 # A node's identity for shape purposes: op, what it calls (the object, by id, for layers and
@@ -40,14 +46,26 @@ class ShapeError(Exception):
 
 
 def infer(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> None:
-    """Fill ``tensor_meta`` on every node of ``gm`` for inputs ``specs``; raises on failure."""
-    _Pass(gm, specs).run(lambda node: True)
+    """Fill ``tensor_meta`` on every node of ``gm`` for inputs ``specs``; raises on failure,
+    and BudgetError when one forward pass at ``specs`` would go over a cap (graph.budget)."""
+    what = f"the model at input shape {' '.join(s.text() for s in specs)}"
+    tally = budget.Tally(what, hint="pass a smaller --input-shape, or ", flops_at_end=True)
+    try:
+        _Pass(gm, specs, tally=tally).run(lambda node: True)
+        tally.finish()
+    except ShapeError:  # shapes that need real values: run it, each node sized first
+        tally = budget.Tally(what, hint="pass a smaller --input-shape, or ")
+        _guarded_shape_prop(gm, specs, tally)
+    batch = specs[0].shape[0] if specs and specs[0].shape else 1
+    gm.meta[budget.COST_META] = (tally.peak, tally.flops, batch)
 
 
-def at(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> dict[fx.Node, Any]:
-    """Each node's shape metadata for inputs ``specs``, leaving the graph's own untouched."""
+def at(gm: fx.GraphModule, specs: Sequence[InputSpec],
+       tally: budget.Tally | None = None) -> dict[fx.Node, Any]:
+    """Each node's shape metadata for inputs ``specs``, leaving the graph's own untouched;
+    ``tally`` counts what a run at ``specs`` would allocate and refuses over a cap."""
     store: dict[fx.Node, Any] = {}
-    _Pass(gm, specs, store).run(lambda node: True)
+    _Pass(gm, specs, store, tally=tally).run(lambda node: True)
     return store
 
 
@@ -80,11 +98,15 @@ def refresh(gm: fx.GraphModule, specs: Sequence[InputSpec], before: Snapshot) ->
 
 class _Pass:
     def __init__(self, gm: fx.GraphModule, specs: Sequence[InputSpec],
-                 store: dict[fx.Node, Any] | None = None) -> None:
+                 store: dict[fx.Node, Any] | None = None,
+                 tally: budget.Tally | None = None) -> None:
         self.gm = gm
         self.specs = list(specs)
         self.store = store  # where metadata goes; None: node.meta["tensor_meta"]
+        self.tally = tally
         self.values: dict[fx.Node, Any] = {}  # results that hold no tensor (sizes, flags)
+        self.made: list[tuple[torch.Tensor, fx.Node]] = []  # this node's stand-ins
+        self.states: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its tensors on meta
 
     def _get(self, node: fx.Node) -> Any:
         if self.store is not None:
@@ -94,12 +116,20 @@ class _Pass:
     def run(self, todo: Callable[[fx.Node], bool],
             after: Callable[[fx.Node], None] | None = None) -> None:
         placeholders = iter(self.specs)
+        if self.tally is not None:
+            self.tally.begin(self.gm.graph)
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             for node in self.gm.graph.nodes:
                 spec = next(placeholders, None) if node.op == "placeholder" else None
                 if not todo(node):
                     continue
-                self._record(node, self._result(node, spec))
+                self.made = []
+                result = self._result(node, spec)
+                self._record(node, result)
+                if self.tally is not None:
+                    ins = [_shape_of(self._get(a)) if isinstance(a, fx.Node) else None
+                           for a in node.args]
+                    _account(self.tally, self.gm, node, result, self.made, ins)
                 if after is not None:
                     after(node)
 
@@ -107,7 +137,7 @@ class _Pass:
         if node.op == "placeholder":
             if spec is None:
                 raise ShapeError("more inputs than input shapes")
-            return torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype))
+            return torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
         if node.op == "get_attr":
             return _fetch(self.gm, str(node.target))
         if node.op == "output":
@@ -121,12 +151,13 @@ class _Pass:
                         return _FORMULAS[type(module)](module, meta)
         args, kwargs = self._args(node)
         try:
-            if node.op == "call_module":
-                return _fetch(self.gm, str(node.target))(*args, **kwargs)
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)  # type: ignore[operator]
-            self_obj, *rest = args
-            return getattr(self_obj, str(node.target))(*rest, **kwargs)
+            return _execute(self.gm, node, args, kwargs, self.states)
+        except Exception:
+            pass  # no meta kernel, or the node reads values: run it on zeros
+        self.made = []
+        args, kwargs = self._args(node, real=True)
+        try:
+            return _execute(self.gm, node, args, kwargs, None)
         except Exception as e:
             raise ShapeError(f"{node.name}: {e}") from e
 
@@ -137,19 +168,32 @@ class _Pass:
                 return meta
         return None
 
-    def _args(self, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The node's arguments, tensors as fresh zeros (in-place ops may change them)."""
-        return map_arg((node.args, node.kwargs), self._stand_in)  # type: ignore[return-value]
+    def _args(self, node: fx.Node, real: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The node's arguments, tensors as fresh stand-ins (in-place ops may change them): on
+        the meta device, or ``real`` zeros."""
+        return map_arg((node.args, node.kwargs),  # type: ignore[return-value]
+                       lambda n: self._stand_in(n, real))
 
-    def _stand_in(self, node: fx.Node) -> Any:
+    def _stand_in(self, node: fx.Node, real: bool) -> Any:
         if node in self.values:
             return self.values[node]
         if node.op == "get_attr":
-            return _fetch(self.gm, str(node.target))
+            value = _fetch(self.gm, str(node.target))
+            if not real and isinstance(value, torch.Tensor):
+                value = value.to("meta")
+            self.made.append((value, node))
+            return value
         meta = self._get(node)
         if meta is None:
             raise ShapeError(f"no value known for {node.name}")
-        return _map(meta, _zeros)
+
+        def make(x: Any) -> Any:
+            t = _zeros(x) if real else _blank(x)
+            if isinstance(t, torch.Tensor):
+                self.made.append((t, node))
+            return t
+
+        return _map(meta, make)
 
     def _record(self, node: fx.Node, result: Any) -> None:
         found = False
@@ -194,6 +238,134 @@ def _zeros(x: Any) -> Any:
     if isinstance(x, TensorMetadata):
         return torch.zeros(tuple(x.shape), dtype=x.dtype)
     return x
+
+
+def _blank(x: Any) -> Any:
+    if isinstance(x, TensorMetadata):
+        return torch.empty(tuple(x.shape), dtype=x.dtype, device="meta")
+    return x
+
+
+def _execute(root: nn.Module, node: fx.Node, args: Any, kwargs: Any,
+             states: dict[int, dict[str, torch.Tensor]] | None) -> Any:
+    """Run one node: on the meta device with the layer's tensors as meta copies (``states``
+    caches them), or, with ``states`` None, as it is on the arguments given."""
+    on_meta = torch.device("meta") if states is not None else contextlib.nullcontext()
+    with on_meta:
+        if node.op == "call_module":
+            module = _fetch(root, str(node.target))
+            if states is None:
+                return module(*args, **kwargs)
+            state = states.get(id(module))
+            if state is None:
+                state = states[id(module)] = {
+                    k: t.to("meta") for k, t in itertools.chain(module.named_parameters(),
+                                                                module.named_buffers())}
+            return torch.func.functional_call(module, state, tuple(args), dict(kwargs))
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        self_obj, *rest = args
+        return getattr(self_obj, str(node.target))(*rest, **kwargs)
+
+
+def _shape_of(meta: Any) -> tuple[int, ...] | None:
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _account(tally: budget.Tally, root: nn.Module, node: fx.Node, result: Any,
+             made: Sequence[tuple[Any, fx.Node]], ins: Sequence[tuple[int, ...] | None]) -> None:
+    """Count the bytes ``node`` allocates (results that are not views of, or the same tensor as,
+    an argument ``made`` for it) and its FLOPs."""
+    if node.op == "get_attr":
+        tally.add(node, 0)
+        return
+    fresh, aliases, outs = 0, [], []
+
+    def visit(x: Any) -> Any:
+        nonlocal fresh
+        if isinstance(x, TensorMetadata):
+            outs.append(tuple(x.shape))
+            fresh += budget.tensor_bytes(tuple(x.shape), x.dtype)
+        elif isinstance(x, torch.Tensor):
+            outs.append(tuple(x.shape))
+            source = next((n for t, n in made if x is t or (
+                x._base is not None and (x._base is t or x._base is t._base))), None)
+            if source is not None:
+                aliases.append(source)
+            elif not x._is_view():
+                fresh += x.numel() * x.element_size()
+        return x
+
+    _map(result, visit)
+    module = _fetch(root, str(node.target)) if node.op == "call_module" else None
+    work = budget.node_flops(node, module, ins, outs) if node.op.startswith("call_") else 0
+    tally.add(node, fresh, aliases, work)
+
+
+def _guarded_shape_prop(gm: fx.GraphModule, specs: Sequence[InputSpec],
+                        tally: budget.Tally) -> None:
+    """ShapeProp on seeded random inputs, each node sized on the meta device before it runs."""
+    from morphcli.graph.inputs import example_inputs
+
+    prop = _GuardedShapeProp(gm, tally)
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*example_inputs(specs, batch_size=None, seed=0))
+    except Exception as e:
+        if prop.refused:  # the message as it was raised, without what fx appends to it
+            raise budget.BudgetError(prop.refused) from None
+        raise ShapeError(str(e)) from e
+
+
+class _GuardedShapeProp(ShapeProp):
+    def __init__(self, gm: fx.GraphModule, tally: budget.Tally) -> None:
+        super().__init__(gm)
+        self.tally = tally
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.refused: str | None = None
+        tally.begin(gm.graph)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return self._sized_run(n)
+        except budget.BudgetError as e:
+            self.refused = self.refused or str(e)
+            raise
+
+    def _sized_run(self, n: fx.Node) -> Any:
+        ins = [_shape_of(a.meta.get("tensor_meta")) if isinstance(a, fx.Node) else None
+               for a in n.args]
+        sized = False
+        if n.op in ("call_module", "call_function", "call_method"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            made: list[tuple[Any, fx.Node]] = []
+            sources = {id(v): a for a in n.all_input_nodes
+                       if isinstance(v := self.env.get(a), torch.Tensor)}
+
+            def meta(x: Any) -> Any:
+                if isinstance(x, torch.Tensor):
+                    m = x.to("meta")
+                    if id(x) in sources:
+                        made.append((m, sources[id(x)]))
+                    return m
+                return x
+
+            try:
+                result = _execute(self.module, n, _map(args, meta), _map(kwargs, meta),
+                                  self.states)
+                _account(self.tally, self.module, n, result, made, ins)
+                sized = True
+            except budget.BudgetError:
+                raise
+            except Exception:
+                pass  # the node needs real values: count what it made after running it
+        real = super().run_node(n)
+        if not sized:
+            args = [self.env.get(a) for a in n.all_input_nodes]
+            _account(self.tally, self.module, n, real,
+                     [(t, a) for t, a in zip(args, n.all_input_nodes, strict=True)
+                      if isinstance(t, torch.Tensor)], ins)
+        return real
 
 
 def _fetch(root: nn.Module, path: str) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.errors import InputError
+from morphcli.graph import budget
 from morphcli.graph.infer_inputs import resolve_inputs
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.graph.trace import propagate_shapes, trace
@@ -62,7 +65,7 @@ def open_runner(
     """Any readable model as something to run: (runner, its input specs, a label)."""
     if isinstance(source, nn.Module):
         if isinstance(source, fx.GraphModule):
-            return torch_runner(source), source.meta.get(INPUTS_META), "model"
+            return _sized_runner(source), source.meta.get(INPUTS_META), "model"
         ckpt = Checkpoint("model", module=source)
     else:
         ckpt = read_checkpoint(source, trust=trust, stdin=stdin)
@@ -73,7 +76,12 @@ def open_runner(
         return ckpt.runner, specs, ckpt.source
     gm = to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes,
                          require_inputs=False)
-    return torch_runner(gm), gm.meta.get(INPUTS_META), ckpt.source
+    return _sized_runner(gm), gm.meta.get(INPUTS_META), ckpt.source
+
+
+def _sized_runner(gm: fx.GraphModule) -> Runner:
+    """A runner a check can size from the graph before running it (graph.budget)."""
+    return budget.sized(torch_runner(gm), budget.graph_sizer(gm))
 
 
 # ---------------------------------------------------------------- reading
@@ -95,9 +103,18 @@ def read_checkpoint(
         raise InputError(f"{name}: no such file")
     if path.is_dir():
         raise InputError(f"{name}: is a directory, not a model file")
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise InputError(f"{name}: is a device, not a model file; pass a model file")
+    raw = None
     try:
         with path.open("rb") as f:
-            head = f.read(_HEAD)
+            if stat.S_ISREG(mode):
+                head = f.read(_HEAD)
+            else:  # a FIFO or socket can be read once: all of it, bounded, parsed from bytes
+                raw = budget.read_bounded(f, name, accept=lambda h: _model_head(h) or (
+                    format_for(path) is FORMATS[".onnx"]))
+                head = raw[:_HEAD]
     except OSError as e:
         raise InputError(f"{name}: cannot read: {e.strerror}") from e
     if not head:
@@ -110,10 +127,11 @@ def read_checkpoint(
             f"{name}: unknown suffix {path.suffix or '(none)'!r}{hint}; "
             f"supported: {', '.join(FORMATS)}"
         )
-    if fmt.suffix in (".pt", ".pth") and _is_pt2(path):
+    if fmt.suffix in (".pt", ".pth") and _is_pt2(path if raw is None else io.BytesIO(raw)):
         fmt = FORMATS[".pt2"]
+    budget.check_zip(name, path if raw is None else raw)
     try:
-        return fmt.read(name, path, trust)
+        return fmt.read(name, path if raw is None else raw, trust)
     except InputError as e:
         also_pt = actual == ".pt" and fmt.suffix in (".pt2", ".pth")
         if actual and actual != fmt.suffix and not also_pt:
@@ -122,7 +140,14 @@ def read_checkpoint(
 
 
 def _read_stdin(stream: BinaryIO, trust: bool) -> Checkpoint:
-    raw = stream.read()
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        mode = 0  # not a file descriptor (a test's BytesIO)
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise InputError("stdin: is a device or terminal, not a model; pipe a model file in, "
+                         "e.g. morph inspect - < model.pt")
+    raw = budget.read_bounded(stream, "stdin", accept=_model_head)
     if not raw:
         raise InputError("stdin: no data (expected a model, e.g. from 'morph ... -o -')")
     suffix = sniff(raw[:_HEAD])
@@ -130,7 +155,13 @@ def _read_stdin(stream: BinaryIO, trust: bool) -> Checkpoint:
         suffix = ".pt2"
     if suffix is None:
         raise InputError("stdin: not a model file this tool reads (expected a .pt archive)")
+    budget.check_zip("stdin", raw)
     return FORMATS[suffix].read("stdin", raw, trust)
+
+
+def _model_head(head: bytes) -> bool:
+    """Whether the first bytes read could start a model file (else stop reading at once)."""
+    return sniff(head) is not None
 
 
 def _is_pt2(data: Path | io.BytesIO) -> bool:
@@ -162,7 +193,7 @@ def to_graph_module(
             raise InputError(f"{ckpt.source}: --arch is only for state_dict files; this file "
                              "already describes its architecture")
     elif ckpt.module is not None:
-        gm = trace(ckpt.module)
+        gm = trace(ckpt.module, source=ckpt.source)
     elif ckpt.state_dict is not None:
         if not arch:
             raise InputError(
@@ -173,7 +204,7 @@ def to_graph_module(
 
         module = build_arch(arch, arch_kwargs)
         _load_state_dict(module, ckpt.state_dict, ckpt.source, arch)
-        gm = trace(module)
+        gm = trace(module, source=ckpt.source)
     else:  # pragma: no cover - read_checkpoint always fills one field
         raise InputError(f"{ckpt.source}: nothing to load")
     warn_if_not_finite(ckpt.source, [*gm.named_parameters(), *gm.named_buffers()])

@@ -22,6 +22,7 @@ from morphcli.equivalence.report import (
 )
 from morphcli.equivalence.sizing import reduced
 from morphcli.errors import InputError
+from morphcli.graph import budget
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.io.checkpoint import Runner, torch_runner
 from morphcli.morphs.result import MorphResult
@@ -68,6 +69,8 @@ def check_morph(gm: fx.GraphModule, new: fx.GraphModule,
                 f"{' '.join(s.text() for s in specs)}: at that size every convolution and "
                 "pooling window still meets data with every weight (--full-size: check at the "
                 "stored size)")
+    budget.check_run([gm, new], small or specs, samples=check.samples,
+                     batch_size=check.batch_size)  # refused over a cap before anything runs
     report = compare(torch_runner(gm), torch_runner(new), small or specs,
                      samples=check.samples, batch_size=check.batch_size, seed=check.seed,
                      atol=check.atol, rtol=check.rtol, progress=check.progress)
@@ -81,7 +84,9 @@ def check_in_float64(gm: fx.GraphModule, new: fx.GraphModule,
     model amplifies float32 round-off (a LayerNorm over a few nearly equal features divides
     it by their spread). Runs only after a failed check: it copies both models."""
     specs, small = _check_inputs(gm, new, check)
-    try:
+    try:  # over a cap (graph.budget), the float32 verdict stands alone too
+        budget.check_run([gm, new], small or specs, samples=check.samples,
+                         batch_size=check.batch_size, scale=2)
         a, b = copy.deepcopy(gm).double(), copy.deepcopy(new).double()
         return compare(_in_float64(a), _in_float64(b), small or specs, samples=check.samples,
                        batch_size=check.batch_size, seed=check.seed, atol=check.atol,
