@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_NOT_EQUIVALENT = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_STREAM = 4  # stdout or stderr was closed or broken: output was lost
 
 
 class MorphError(Exception):
@@ -28,6 +29,26 @@ class TraceError(InputError):
 
 class UnsupportedMorphError(MorphError):
     """The morph cannot be applied exactly to this layer; the message says why."""
+
+
+class StreamError(MorphError):
+    """stdout or stderr is closed or broken (a pipe whose reader left): output was lost."""
+
+    exit_code = EXIT_STREAM
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived. A KeyboardInterrupt, so that every cleanup written for
+    Ctrl-C (the temporary file of an atomic write) runs for the others too."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(name)
+        self.signum = signum
+        self.name = name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention for a process ended by signal N
 
 
 class NotEquivalentError(MorphError):

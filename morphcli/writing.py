@@ -11,6 +11,7 @@ shown identical that way, are run the way their users will run them (our loader,
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import sys
@@ -25,7 +26,7 @@ from torch import nn
 
 from morphcli.equivalence.compare import compare
 from morphcli.equivalence.report import CheckReport
-from morphcli.errors import InputError, NonFiniteWeightsWarning, NotEquivalentError
+from morphcli.errors import InputError, NonFiniteWeightsWarning, NotEquivalentError, StreamError
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.io.api import STDIO, open_runner, to_graph_module
 from morphcli.io.atomic import atomic_path, check_output_path, os_reason
@@ -115,11 +116,23 @@ def _write_stdout(gm: fx.GraphModule, verify: bool, stream: BinaryIO) -> dict[st
     if verify:
         report = _verify(gm, FORMATS[".pt"], raw)
     try:
-        stream.write(raw)
+        _write_all(stream, raw)
         stream.flush()
     except OSError as e:  # a full disk or a closed pipe behind stdout
-        raise InputError(f"cannot write to stdout: {os_reason(e)}") from e
+        raise StreamError(f"cannot write to stdout: {os_reason(e)}; the model written there "
+                          "is incomplete") from e
     return _result(STDIO, FORMATS[".pt"], report)
+
+
+def _write_all(stream: BinaryIO, data: bytes) -> None:
+    """Write every byte: a buffered stream returns a short count, without an error, when the
+    pipe's reader exits mid-write (``| head -c 100``); the next write then raises EPIPE."""
+    view = memoryview(data)
+    while view:
+        n = stream.write(view)
+        if not n:
+            raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+        view = view[n:]
 
 
 def _verify(gm: fx.GraphModule, fmt: Format, data: Path | bytes) -> CheckReport | str:

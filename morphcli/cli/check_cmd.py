@@ -30,14 +30,28 @@ def check(
 ) -> None:
     """Compare A and B on the same seeded random inputs (either may be .onnx or .pt2)."""
     with handled(debug):
-        from morphcli.cli.console import shapes_arg
-        from morphcli.equivalence.api import check as run_check
+        from morphcli.cli.morph_common import check_numbers
 
+        check_numbers(samples, batch_size, seed, atol, rtol)  # before any work
         if a == "-" and b == "-":
             from morphcli.errors import InputError
 
             raise InputError("only one of A and B can be read from stdin")
+        if "-" in (a, b):
+            from morphcli.cli.console import require_stdin
+
+            require_stdin()
+        from morphcli.hf import is_hf_dir
+
+        if is_hf_dir(a) or is_hf_dir(b):  # Hugging Face directories: morphcli/hf compares
+            from morphcli.hf.cli import HFCheckOptions, hf_check
+
+            if hf_check(a, b, HFCheckOptions(samples, batch_size, seed, atol, rtol), as_json):
+                return
+            raise typer.Exit(EXIT_NOT_EQUIVALENT)
+        from morphcli.cli.console import shapes_arg
         from morphcli.cli.progress import step
+        from morphcli.equivalence.api import check as run_check
 
         with step(f"loading and checking on {samples} samples", quiet=False,
                   total=samples) as update:

@@ -17,9 +17,10 @@ from morphcli.equivalence.report import (
     DEFAULT_SAMPLES,
 )
 
-After = Annotated[str, typer.Option(
+After = Annotated[list[str], typer.Option(
     "--after", help="The layer whose output the new layer reads (module path, path@N for one "
-    "call site of a shared module, or an op's node name).", show_default=False)]
+    "call site of a shared module, or an op's node name); for a Hugging Face directory a "
+    "block (model.layers.3), repeatable.", show_default=False, metavar="LAYER")]
 Init = Annotated[str, typer.Option(
     "--init", help="identity (Net2DeeperNet) or decompose (NetMorph: a random orthogonal "
     "mixing, with LAYER re-expressed; LAYER must be a Linear or Conv).")]
@@ -66,6 +67,27 @@ def deepen(
 ) -> None:
     """Insert a layer after LAYER that computes the identity, so the function is unchanged."""
     with handled(debug):
+        from morphcli.morphs import limits
+
+        mc.check_numbers(samples, batch_size, seed, atol, rtol)  # before any work
+        limits.check_int("--kernel", kernel, 1, limits.MAX_KERNEL)
+        from morphcli.hf import is_hf_dir
+
+        if is_hf_dir(model):  # a Hugging Face directory: morphcli/hf handles it
+            from morphcli.hf.cli import HFCheckOptions, HFRun, hf_deepen, refuse_options
+
+            refuse_options({"--init": init != "identity", "--kernel": kernel != 3, "--norm": norm,
+                            "--activation": activation is not None, "--residual": residual,
+                            "--noise": noise > 0, "--arch": arch is not None,
+                            "--input-shape": bool(input_shape), "--full-size": full_size})
+            return hf_deepen(model, after, HFRun(output, force, dry_run, as_json, quiet, trust),
+                             HFCheckOptions(samples, batch_size, seed, atol, rtol, no_check))
+        if len(after) > 1:
+            from morphcli.errors import InputError
+
+            raise InputError("--after is repeatable only for Hugging Face directories; "
+                             "deepen one layer at a time")
+        after = after[0]  # type: ignore[assignment]
         from morphcli.morphs.deepen import DeepenOptions, deepen_graph
 
         options = DeepenOptions(after, init, kernel, norm, activation, residual, noise, seed)

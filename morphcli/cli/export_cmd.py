@@ -22,10 +22,26 @@ def export(
 ) -> None:
     """Write MODEL in another format, verified against the source before success is reported."""
     with handled(debug):
+        from morphcli.hf import is_hf_dir
+
+        if is_hf_dir(model):  # a Hugging Face directory: morphcli/hf handles it
+            from morphcli.hf.cli import hf_export
+
+            return hf_export(model, output, as_json, quiet)
+        refuse_json_with_stdout_model(output, as_json)
+        if output != "-":  # before any work: a path that cannot be written, or is the input
+            from pathlib import Path
+
+            from morphcli.io.atomic import check_output_path
+
+            check_output_path(Path(output), (Path(model),) if model != "-" else (),
+                              stdin=model == "-")
+            from morphcli.io.formats import output_format
+
+            output_format(Path(output))
         from morphcli.cli.progress import step
         from morphcli.writing import write_verified
 
-        refuse_json_with_stdout_model(output, as_json)
         loading = LoadOptions.of(arch, arch_kwargs, trust, input_shape)
         with step(f"loading {model}", quiet=quiet):
             gm = loading.load(model)

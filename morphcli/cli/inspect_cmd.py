@@ -20,6 +20,12 @@ def inspect(
 ) -> None:
     """List the layers of MODEL: type, input and output shapes, parameters, applicable morphs."""
     with handled(debug):
+        from morphcli.hf import is_hf_dir
+
+        if is_hf_dir(model):  # a Hugging Face directory: morphcli/hf handles it
+            from morphcli.hf.cli import hf_inspect
+
+            return hf_inspect(model, as_json, trust)
         from morphcli.inspection import summarize
 
         gm = LoadOptions.of(arch, arch_kwargs, trust, input_shape).load(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from morphcli.cli.console import shapes_arg
+from morphcli.cli.console import require_stdin, shapes_arg
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class LoadOptions:
         }
 
     def load(self, source: str):  # -> torch.fx.GraphModule (torch imported lazily)
+        if source == "-":
+            require_stdin()
         from morphcli.io.api import load
 
         return load(source, **self.kwargs())

@@ -9,7 +9,7 @@ import typer
 
 from morphcli.cli.console import err, info, print_json, refuse_json_with_stdout_model
 from morphcli.cli.loading import LoadOptions
-from morphcli.errors import EXIT_NOT_EQUIVALENT, InputError
+from morphcli.errors import EXIT_NOT_EQUIVALENT
 
 OutputOpt = Annotated[str | None, typer.Option(
     "--output", "-o", help="Output file; the suffix picks the format (.pt, .safetensors, .pt2, "
@@ -50,14 +50,15 @@ def run_morph_command(
     dest = output or default_output(model, kind)
     if not dry_run:
         refuse_json_with_stdout_model(dest, as_json, default=output is None)
-    with step(f"loading {model}", quiet=quiet):
-        gm = loading.load(model)
-    if not dry_run and dest != "-":  # every output check before the (slow) morph
+    if not dry_run and dest != "-":  # every output check before any work
         from morphcli.io.atomic import check_output_path
         from morphcli.io.formats import output_format
 
         output_format(Path(dest))
-        check_output_path(Path(dest), (Path(model),) if model != "-" else ())
+        check_output_path(Path(dest), (Path(model),) if model != "-" else (),
+                          stdin=model == "-")
+    with step(f"loading {model}", quiet=quiet):
+        gm = loading.load(model)
     what = f"{kind} and check on {check.samples} samples" if check.enabled else kind
     with step(what, quiet=quiet, total=check.samples if check.enabled else None) as update:
         new, result = apply_morph(morph, gm, options, replace(check, progress=update))
@@ -164,6 +165,17 @@ def check_options(no_check: bool, samples: int, batch_size: int, seed: int, atol
                   rtol: float, full_size: bool = False) -> Any:
     from morphcli.morphs.runner import CheckOptions
 
-    if samples < 1 or batch_size < 1:
-        raise InputError("--samples and --batch-size must be at least 1")
+    check_numbers(samples, batch_size, seed, atol, rtol)
     return CheckOptions(not no_check, samples, batch_size, seed, atol, rtol, full_size)
+
+
+def check_numbers(samples: int, batch_size: int, seed: int, atol: float, rtol: float) -> None:
+    """The checking options every command shares, in range before any work (typer's own
+    bounds let NaN tolerances, infinities and 2**70 seeds through)."""
+    from morphcli.morphs import limits
+
+    limits.check_int("--samples", samples, 1, limits.MAX_SAMPLES)
+    limits.check_int("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
+    limits.check_seed(seed)
+    limits.check_float("--atol", atol, 0.0, 1e300)
+    limits.check_float("--rtol", rtol, 0.0, 1e300)

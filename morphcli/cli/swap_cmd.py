@@ -53,6 +53,7 @@ def swap(
 ) -> None:
     """Swap the activation LAYER to --to: a learnable blend that starts as the old one."""
     with handled(debug):
+        mc.check_numbers(samples, batch_size, seed, atol, rtol)  # before any work
         from morphcli.morphs.swap import SwapOptions, swap_graph
 
         mc.run_morph_command(

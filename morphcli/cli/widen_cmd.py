@@ -72,6 +72,21 @@ def widen(
 ) -> None:
     """Give LAYER more output units and update every layer they reach, keeping the function."""
     with handled(debug):
+        from morphcli.morphs.limits import check_widen_numbers
+
+        mc.check_numbers(samples, batch_size, seed, atol, rtol)  # before any work
+        check_widen_numbers(to, by, factor, noise, kernel, seed)
+        from morphcli.hf import is_hf_dir
+
+        if is_hf_dir(model):  # a Hugging Face directory: LAYER is a config field
+            from morphcli.hf.cli import HFCheckOptions, HFRun, hf_widen, refuse_options
+
+            refuse_options({"--noise": noise > 0, "--kernel": kernel is not None,
+                            "--arch": arch is not None, "--input-shape": bool(input_shape),
+                            "--full-size": full_size})
+            return hf_widen(model, layer, to, by, factor, init,
+                            HFRun(output, force, dry_run, as_json, quiet, trust),
+                            HFCheckOptions(samples, batch_size, seed, atol, rtol, no_check))
         from morphcli.morphs.widen import WidenOptions, widen_graph
 
         mc.run_morph_command(

@@ -13,14 +13,24 @@ from torch import nn
 
 from morphcli.errors import InputError
 
+MAX_KWARGS_CHARS = 1 << 20
+
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
+    if len(text) > MAX_KWARGS_CHARS:
+        raise InputError(f"--arch-kwargs is {len(text):,} characters long; at most "
+                         f"{MAX_KWARGS_CHARS:,}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"--arch-kwargs is not valid JSON: {e.msg} at column {e.colno}") from e
+    except RecursionError as e:  # nesting deeper than Python's recursion limit
+        raise InputError("--arch-kwargs is nested too deeply to parse; keyword arguments of "
+                         "an architecture are a flat JSON object") from e
+    except ValueError as e:  # an integer of more than 4300 digits, say
+        raise InputError(f"--arch-kwargs cannot be read: {e}") from e
     if not isinstance(value, dict):
         raise InputError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return value
@@ -46,8 +56,18 @@ def build_arch(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     kwargs = dict(kwargs or {})
     try:
         model = factory(**kwargs)
-    except Exception as e:
-        raise InputError(f"--arch: calling {spec}(**{kwargs}) failed: {e}") from e
+    except Exception as e:  # RecursionError included
+        raise InputError(f"--arch: calling {spec}(**{_short(kwargs)}) failed: "
+                         f"{_short(e)}") from e
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch: {spec} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _short(value: Any) -> str:
+    """A bounded text of ``value`` (a deep or huge --arch-kwargs must not flood the line)."""
+    try:
+        text = str(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -30,6 +30,7 @@ from morphcli.modules import (
     IdentityStartActivation,
     make_activation,
 )
+from morphcli.morphs import limits
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
 from morphcli.rules import activations as act_rules
@@ -68,7 +69,9 @@ class DeepenOptions:
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise InputError(f"unknown --init {self.init!r}; choose from {', '.join(INITS)}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
+        limits.check_int("--kernel", self.kernel, 1, limits.MAX_KERNEL)
+        limits.check_seed(self.seed)
+        if self.kernel % 2 == 0:
             raise InputError(f"--kernel must be a positive odd number (same padding needs a "
                              f"centre tap), not {self.kernel}")
         if not math.isfinite(self.noise) or self.noise < 0:
@@ -117,6 +120,9 @@ def deepen_graph(gm: fx.GraphModule, options: DeepenOptions) -> tuple[fx.GraphMo
     result = MorphResult("deepen", target.name)
     device = _device(target, gm)
     kernel = options.kernel if follow.spatial else 1
+    limits.check_new_elements(f"the new layer after {target.name} ({follow.channels:,} "
+                              f"channels, kernel {kernel})",
+                              follow.channels ** 2 * kernel ** follow.spatial)
     if options.kernel != kernel:
         result.notes.append(f"--kernel {options.kernel} ignored: the new layer is a Linear")
     base = str(target.node.target) if target.module is not None else target.node.name

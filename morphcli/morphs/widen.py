@@ -8,6 +8,7 @@ the function exactly and lets training break the symmetry without noise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_shape
 from morphcli.graph.layers import find_one_layer
+from morphcli.morphs import limits
 from morphcli.morphs.coupling import Plan, analyse, assign_maps
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
@@ -39,6 +41,10 @@ class WidenOptions:
     noise: float = 0.0
     kernel: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        limits.check_widen_numbers(self.to, self.by, self.factor, self.noise, self.kernel,
+                                   self.seed)
 
 
 def widen(
@@ -97,6 +103,7 @@ def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule,
         _widen_units(new, target, opts, result)
     if opts.kernel is not None:
         old = new.get_submodule(str(target.target))
+        _check_kernel_size(target, old, opts.kernel)
         grown = grow_kernel(old, opts.kernel)
         replace_module(new, str(target.target), grown)
         result.changes.append(Change("resized", f"{target.target}.weight",
@@ -118,12 +125,37 @@ def _new_width(old: int, opts: WidenOptions) -> int:
     if opts.by is not None:
         if opts.by < 1:
             raise InputError("--by must be at least 1")
-        return old + opts.by
-    assert opts.factor is not None
-    width = round(old * opts.factor)
-    if opts.factor <= 1 or width <= old:
-        raise InputError(f"--factor {opts.factor:g} does not add a unit to width {old}")
+        width = old + opts.by
+    else:
+        assert opts.factor is not None
+        width = round(old * opts.factor)
+        if opts.factor <= 1 or width <= old:
+            raise InputError(f"--factor {opts.factor:g} does not add a unit to width {old}")
+    if width > limits.MAX_UNITS:
+        option = f"--by {opts.by}" if opts.by is not None else f"--factor {opts.factor:g}"
+        raise InputError(f"{option} would make the layer {width:,} units wide (from {old:,}); "
+                         f"a layer may have at most {limits.MAX_UNITS:,}")
     return width
+
+
+def _check_new_size(gm: fx.GraphModule, plan: Plan, target: fx.Node, old: int,
+                    width: int) -> None:
+    """The layers a widen resizes grow about ``width / old`` times: refuse before allocating
+    when that is more weights than one morph may create (a huge --to on a big convolution)."""
+    paths = dict.fromkeys([*(str(n.target) for n in plan.producers),
+                           *(str(n.target) for n, _ in plan.consumers),
+                           *(str(n.target) for n in plan.channelwise)])
+    now = sum(p.numel() for path in paths for p in gm.get_submodule(path).parameters())
+    limits.check_new_elements(f"widening {target.target} to {width:,} units", now * width // old)
+
+
+def _check_kernel_size(target: fx.Node, conv: nn.Module, kernel: int) -> None:
+    weight = getattr(conv, "weight", None)
+    sizes = getattr(conv, "kernel_size", None)
+    if isinstance(weight, torch.Tensor) and isinstance(sizes, tuple):
+        taps = math.prod(sizes)
+        limits.check_new_elements(f"{target.target} with a {kernel}-wide kernel",
+                                  weight.numel() // max(taps, 1) * kernel ** len(sizes))
 
 
 def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
@@ -132,6 +164,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     dim = plan.tensors[target][0]
     old = (tensor_shape(target) or ())[dim]
     width = _new_width(old, opts)
+    _check_new_size(gm, plan, target, old, width)
     gen = torch.Generator().manual_seed(opts.seed)
     group = plan.tensors[target][1]
     blocks = group.blocks
