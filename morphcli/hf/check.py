@@ -1,0 +1,175 @@
+"""The check: run the original and the grown model with transformers on the same random token
+ids in float32 (logits, relative tolerance as morph's check), and greedy ``generate()`` with the
+KV cache for decoders (a plain forward misses per-layer index bugs that only the cache shows)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from morphcli.errors import InputError
+from morphcli.hf.directory import HFDir
+
+SEQ_LEN = 16
+GREEDY_PROMPT = 8
+GREEDY_NEW = 12
+
+
+@dataclass
+class HFCheck:
+    """The verdict of one comparison (logits report, and greedy tokens for decoders)."""
+
+    report: Any                        # morphcli.equivalence.report.CheckReport
+    greedy_equal: bool | None          # None: not a decoder
+    greedy_tokens: int = 0
+
+    @property
+    def equivalent(self) -> bool:
+        return bool(self.report.equivalent) and self.greedy_equal is not False
+
+    def summary(self) -> str:
+        text = self.report.summary()
+        if self.greedy_equal is not None:
+            same = "identical" if self.greedy_equal else "DIFFERENT"
+            text += f"; greedy generate() with KV cache over {self.greedy_tokens} tokens: {same}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.report.to_json(), "greedy_equal": self.greedy_equal,
+                "greedy_tokens": self.greedy_tokens, "equivalent": self.equivalent}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers logs and draws progress bars; the core never prints."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
+
+
+def model_class(d: HFDir) -> Any:
+    import transformers
+
+    return getattr(transformers, d.cls_name)  # an allowlisted built-in class, never auto_map
+
+
+def to_config(d: HFDir, config: dict[str, Any]) -> Any:
+    """transformers' config object; one it refuses (its own validation) is refused here."""
+    from transformers import CONFIG_MAPPING
+
+    from morphcli.errors import UnsupportedMorphError
+
+    try:
+        with quiet_transformers():
+            cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+    except Exception as e:
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        raise UnsupportedMorphError(f"{d.path}: transformers refuses the config: {first}") from e
+    cfg.dtype = torch.float32
+    return cfg
+
+
+def build(d: HFDir, config: dict[str, Any], state: dict[str, torch.Tensor],
+          shared: dict[int, torch.Tensor] | None = None) -> torch.nn.Module:
+    """``type(model)(config)`` holding ``state`` upcast to float32, without a random init and
+    without copies: the parameters are the float32 tensors themselves, and ``shared`` (id of a
+    stored tensor -> its float32 form) lets two models share every unchanged tensor. Every
+    parameter must come from ``state`` or be tied to one that does."""
+    from transformers.initialization import no_init_weights
+
+    shared = {} if shared is None else shared
+    f32 = {}
+    for k, v in state.items():
+        if id(v) not in shared:
+            shared[id(v)] = v.float() if v.is_floating_point() else v
+        f32[k] = shared[id(v)]
+    with quiet_transformers(), no_init_weights():
+        model = model_class(d)(to_config(d, config))
+    result = model.load_state_dict(f32, strict=False, assign=True)
+    model.tie_weights()  # assign replaced the tied parameter: tie the head to it again
+    model = model.float().eval()
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in f32 if k in params}
+    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    unexpected = [k for k in result.unexpected_keys  # GPT-2's stored causal masks: unused
+                  if not any(re.search(pattern, k) for pattern in ignored)]
+    if missing or unexpected:
+        raise InputError(f"{d.path}: the weights do not match {d.cls_name}: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def compare_models(a: torch.nn.Module, b: torch.nn.Module, vocab: int, *, decoder: bool,
+                   samples: int, batch_size: int, seed: int, atol: float,
+                   rtol: float) -> HFCheck:
+    """Logits (every output) on seeded random ids in [0, vocab), then greedy tokens."""
+    from morphcli.equivalence.compare import compare
+    from morphcli.graph.inputs import InputSpec
+
+    seq = min(SEQ_LEN, _max_positions(a))
+    specs = [InputSpec((batch_size, seq), "int64", vocab)]
+    with torch.no_grad(), quiet_transformers():
+        report = compare(_runner(a), _runner(b), specs, samples=samples, batch_size=batch_size,
+                         seed=seed, atol=atol, rtol=rtol)
+        if not decoder:
+            return HFCheck(report, None)
+        same = _greedy(a, vocab, seed).equal(_greedy(b, vocab, seed))
+    return HFCheck(report, bool(same), GREEDY_NEW)
+
+
+def _max_positions(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
+               or SEQ_LEN)
+
+
+def _runner(model: torch.nn.Module) -> Any:
+    def run(inputs: Any) -> list[torch.Tensor]:
+        (ids,) = inputs
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        return [t for t in out.values() if isinstance(t, torch.Tensor)]
+
+    return run
+
+
+def _greedy(model: Any, vocab: int, seed: int) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    gen = torch.Generator().manual_seed(seed + 7919)
+    ids = torch.randint(0, vocab, (2, GREEDY_PROMPT), generator=gen)
+    config = GenerationConfig(max_new_tokens=GREEDY_NEW, min_new_tokens=GREEDY_NEW,
+                              do_sample=False, use_cache=True, pad_token_id=0)
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          generation_config=config)
+
+
+def reload(d: HFDir, folder: Path) -> torch.nn.Module:
+    """``from_pretrained`` the written folder in float32, requiring no missing, unexpected or
+    mismatched keys: the proof that transformers loads what was written."""
+    cls = model_class(d)
+    with quiet_transformers():
+        model, info = cls.from_pretrained(str(folder), dtype=torch.float32,
+                                          output_loading_info=True)
+    bad = {k: v for k, v in info.items()
+           if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise InputError(f"transformers reloads the written model with problems: {bad}")
+    return model.eval()
