@@ -161,3 +161,24 @@ def test_foreign_exports_can_be_checked(samples: Path, samples_module) -> None:
     code, _, stderr = invoke("inspect", pt2)
     assert code == 2
     assert_one_error_line(stderr, "torch.export program", "cannot be recovered")
+
+
+class _Reshaping(nn.Module):
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.fc, self.rows, self.cols = nn.Linear(4, 4), rows, cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x)).view(self.rows, self.cols)
+
+
+def test_a_model_failing_in_its_graph_is_one_error_line(tmp_path: Path) -> None:
+    """A failing GraphModule prints its generated code's traceback on stderr; the user sees
+    only the one line naming the model and the reason."""
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    morphcli.save(_Reshaping(-1, 4), good, input_shapes=[(3, 4)])
+    morphcli.save(_Reshaping(3, -1), bad, input_shapes=[(3, 4)])  # fails at any other batch
+    for args in ((good, bad), (bad, good)):
+        code, stdout, stderr = run_cli("check", *args)
+        assert (code, stdout) == (2, "")
+        assert_one_error_line(stderr, "model fails on inputs", "is invalid for input of size")

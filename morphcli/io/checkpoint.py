@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +49,9 @@ def torch_runner(module: nn.Module) -> Runner:
     structure (``flatten_outputs`` gives its tensors)."""
 
     def run(inputs: Sequence[torch.Tensor]) -> Any:
-        with torch.no_grad():
+        # A failing GraphModule prints its generated code's traceback on stderr before raising;
+        # the error itself reaches the user as one line, so that print is kept from them.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             return module(*inputs)
 
     return run
