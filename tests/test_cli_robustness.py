@@ -391,3 +391,16 @@ def test_deep_arch_kwargs_is_an_input_error(samples: Path) -> None:
                              "--arch-kwargs", '{"in_features": ' + "9" * 5000 + "}")
     assert code == 2
     assert_one_error_line(stderr, "--arch-kwargs cannot be read")
+
+
+@pytest.mark.parametrize("bad", [{"samples": 0}, {"batch_size": 10**6}, {"seed": -1},
+                                 {"atol": float("nan")}, {"rtol": float("inf")}])
+def test_the_python_api_checks_the_same_numbers(samples: Path, bad: dict) -> None:
+    """morphcli.check and every morph's CheckOptions refuse what the CLI refuses."""
+    from morphcli.morphs.runner import CheckOptions
+
+    model = samples / "mlp.pt"
+    with pytest.raises(InputError, match="out of range"):
+        morphcli.check(model, model, **bad)
+    with pytest.raises(InputError, match="out of range"):
+        CheckOptions(**bad)

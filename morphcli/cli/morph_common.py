@@ -170,12 +170,7 @@ def check_options(no_check: bool, samples: int, batch_size: int, seed: int, atol
 
 
 def check_numbers(samples: int, batch_size: int, seed: int, atol: float, rtol: float) -> None:
-    """The checking options every command shares, in range before any work (typer's own
-    bounds let NaN tolerances, infinities and 2**70 seeds through)."""
-    from morphcli.morphs import limits
+    """The checking options every command shares, in range before any work."""
+    from morphcli.morphs.limits import check_numbers as check
 
-    limits.check_int("--samples", samples, 1, limits.MAX_SAMPLES)
-    limits.check_int("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
-    limits.check_seed(seed)
-    limits.check_float("--atol", atol, 0.0, 1e300)
-    limits.check_float("--rtol", rtol, 0.0, 1e300)
+    check(samples, batch_size, seed, atol, rtol)

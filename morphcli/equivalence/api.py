@@ -38,6 +38,9 @@ def check(
     >>> report = check("model.pt", "model.onnx")
     >>> report.equivalent, report.max_abs
     """
+    from morphcli.morphs.limits import check_numbers
+
+    check_numbers(samples, batch_size, seed, atol, rtol)  # before anything is loaded
     run_a, specs_a, _ = open_runner(a, input_shapes=input_shapes, trust=trust)
     run_b, specs_b, _ = open_runner(b, input_shapes=input_shapes, trust=trust)
     specs = specs_a or specs_b

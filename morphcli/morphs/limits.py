@@ -57,6 +57,16 @@ def check_seed(value: Any) -> int:
     return check_int("--seed", value, 0, MAX_SEED)
 
 
+def check_numbers(samples: Any, batch_size: Any, seed: Any, atol: Any, rtol: Any) -> None:
+    """The checking options (CLI, ``CheckOptions``, ``morphcli.check``): typer's own bounds
+    let NaN tolerances, infinities and 2**70 seeds through, and the API has none."""
+    check_int("--samples", samples, 1, MAX_SAMPLES)
+    check_int("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
+    check_seed(seed)
+    check_float("--atol", atol, 0.0, 1e300)
+    check_float("--rtol", rtol, 0.0, 1e300)
+
+
 def check_new_elements(what: str, count: int) -> None:
     """Refuse a morph that would create more than MAX_NEW_ELEMENTS weights, before it does."""
     if count > MAX_NEW_ELEMENTS:

@@ -25,6 +25,7 @@ from morphcli.errors import InputError
 from morphcli.graph import budget
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.io.checkpoint import Runner, torch_runner
+from morphcli.morphs import limits
 from morphcli.morphs.result import MorphResult
 
 # A morph proper: (model, options) -> (new model sharing unchanged layers, result record).
@@ -41,6 +42,9 @@ class CheckOptions:
     rtol: float = DEFAULT_RTOL
     full_size: bool = False  # never check at a reduced input size (equivalence.sizing)
     progress: Progress | None = None  # called with (samples done, samples in all)
+
+    def __post_init__(self) -> None:
+        limits.check_numbers(self.samples, self.batch_size, self.seed, self.atol, self.rtol)
 
 
 def apply_morph(
