@@ -18,17 +18,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import add_figures, assert_one_error_line, invoke
+from helpers import add_figures, assert_one_error_line, deadline, invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -245,20 +242,6 @@ def descriptions(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, torch.Tenso
 # ---------------------------------------------------------------- running
 
 
-@contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    def ring(signum: int, frame: object) -> None:
-        raise TimeoutError(f"no result after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _load_one(desc: dict, tensors: dict, n: int, folder: Path,
               counts: dict[str, float]) -> None:
     """Each description goes in through load (which traces shapes, often without running
@@ -279,7 +262,7 @@ def _load_one(desc: dict, tensors: dict, n: int, folder: Path,
     counts["inputs"] += 1
     for i, way in enumerate(ways):
         try:
-            with _deadline(PER_INPUT_SECONDS):
+            with deadline(PER_INPUT_SECONDS):
                 way()
             counts["loaded" if i == 1 else "other_ok"] += 1
         except InputError:

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import resource
-import signal
 import struct
 import time
 import zipfile
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import add_figures
+from helpers import Hang, add_figures, deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -281,24 +280,6 @@ def _mutated(draw: st.DrawFn, name: str, seeds: dict[str, bytes]) -> bytes:
 # ---------------------------------------------------------------- guards
 
 
-class _Hang(BaseException):
-    """Raised by the alarm; a BaseException so no ``except Exception`` in the loaders eats it."""
-
-
-@contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    def ring(signum: int, frame: object) -> None:
-        raise _Hang(f"no result after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @contextmanager
 def _address_space_cap(headroom: int) -> Iterator[None]:
     """Cap this process's address space a few GiB above its current size while fuzzing, so a
@@ -332,7 +313,7 @@ def _fuzz_one(name: str, data: bytes, folder: Path, via_stdin: bool,
     counts[name] += 1
     rss = _max_rss()
     try:
-        with _deadline(PER_INPUT_SECONDS):
+        with deadline(PER_INPUT_SECONDS):
             if name == "onnx":
                 open_runner(path)
             elif via_stdin:
@@ -342,7 +323,7 @@ def _fuzz_one(name: str, data: bytes, folder: Path, via_stdin: bool,
         counts["loaded"] += 1
     except MorphError:
         counts["refused"] += 1
-    except _Hang:
+    except Hang:
         counts["hangs"] += 1
         raise
     except BaseException:
