@@ -253,14 +253,15 @@ def test_a_zip_member_is_inflated_within_the_budget(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Declared sizes first; then a member is inflated in chunks and counted."""
     from morphcli.graph import budget
+    from morphcli.io import bounded
 
     data = deflate_bomb(64 << 20)
     monkeypatch.setenv("MORPH_MAX_READ_BYTES", str(32 << 20))
     with pytest.raises(budget.BudgetError, match=r"declare 64\.0 MiB.*MORPH_MAX_READ_BYTES"):
-        budget.check_zip("x", data)
+        bounded.check_zip("x", data)
     monkeypatch.setenv("MORPH_MAX_READ_BYTES", str(128 << 20))
     with pytest.raises(morphcli.MorphError, match="damaged zip member 'archive/data/0'"):
-        budget.check_zip("x", data)  # inflated to the end: its CRC is wrong
+        bounded.check_zip("x", data)  # inflated to the end: its CRC is wrong
 
 
 @pytest.mark.parametrize("how", ["path", "stdin"])

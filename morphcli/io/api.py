@@ -20,6 +20,7 @@ from morphcli.graph import budget
 from morphcli.graph.infer_inputs import resolve_inputs
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.graph.trace import propagate_shapes, trace
+from morphcli.io import bounded
 from morphcli.io.checkpoint import Checkpoint, Runner, torch_runner, warn_if_not_finite
 from morphcli.io.formats import FORMATS, format_for
 from morphcli.io.sniff import sniff
@@ -112,7 +113,7 @@ def read_checkpoint(
             if stat.S_ISREG(mode):
                 head = f.read(_HEAD)
             else:  # a FIFO or socket can be read once: all of it, bounded, parsed from bytes
-                raw = budget.read_bounded(f, name, accept=lambda h: _model_head(h) or (
+                raw = bounded.read_bounded(f, name, accept=lambda h: _model_head(h) or (
                     format_for(path) is FORMATS[".onnx"]))
                 head = raw[:_HEAD]
     except OSError as e:
@@ -129,7 +130,7 @@ def read_checkpoint(
         )
     if fmt.suffix in (".pt", ".pth") and _is_pt2(path if raw is None else io.BytesIO(raw)):
         fmt = FORMATS[".pt2"]
-    budget.check_zip(name, path if raw is None else raw)
+    bounded.check_zip(name, path if raw is None else raw)
     try:
         return fmt.read(name, path if raw is None else raw, trust)
     except InputError as e:
@@ -147,7 +148,7 @@ def _read_stdin(stream: BinaryIO, trust: bool) -> Checkpoint:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         raise InputError("stdin: is a device or terminal, not a model; pipe a model file in, "
                          "e.g. morph inspect - < model.pt")
-    raw = budget.read_bounded(stream, "stdin", accept=_model_head)
+    raw = bounded.read_bounded(stream, "stdin", accept=_model_head)
     if not raw:
         raise InputError("stdin: no data (expected a model, e.g. from 'morph ... -o -')")
     suffix = sniff(raw[:_HEAD])
@@ -155,7 +156,7 @@ def _read_stdin(stream: BinaryIO, trust: bool) -> Checkpoint:
         suffix = ".pt2"
     if suffix is None:
         raise InputError("stdin: not a model file this tool reads (expected a .pt archive)")
-    budget.check_zip("stdin", raw)
+    bounded.check_zip("stdin", raw)
     return FORMATS[suffix].read("stdin", raw, trust)
 
 

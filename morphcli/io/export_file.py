@@ -202,7 +202,7 @@ def read_onnx(source: str, data: Path | bytes) -> Checkpoint:
         raise InputError(f"{source}: not a valid ONNX model: {_reason(e)}") from e
     warn_if_not_finite(source, _onnx_weights(proto))
     specs = _onnx_inputs(proto)
-    from morphcli.graph.budget import onnx_budget  # over a cap: refused before ORT builds it
+    from morphcli.io.onnx_budget import onnx_budget  # over a cap: refused before ORT builds it
     sized = onnx_budget(proto, source)
     try:
         runner = _onnx_runner(proto)
