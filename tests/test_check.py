@@ -182,3 +182,24 @@ def test_a_model_failing_in_its_graph_is_one_error_line(tmp_path: Path) -> None:
         code, stdout, stderr = run_cli("check", *args)
         assert (code, stdout) == (2, "")
         assert_one_error_line(stderr, "model fails on inputs", "is invalid for input of size")
+
+
+def test_the_worst_batch_is_the_one_furthest_beyond_its_tolerance() -> None:
+    """A bias moved by 4e-5 of its size is a change the relative tolerance catches on small
+    inputs (outputs near the bias) and not on large ones (outputs near 1e3), where a 1e-6
+    change of the weights makes the raw difference largest. Keeping the batch of the largest
+    raw difference would call the two models equivalent."""
+    torch.manual_seed(0)
+    a = nn.Linear(4, 3)
+    with torch.no_grad():
+        a.bias.fill_(1.0)
+    b = nn.Linear(4, 3)
+    with torch.no_grad():
+        b.weight.copy_(a.weight * (1 + 1e-6))
+        b.bias.copy_(a.bias + 4e-5)
+    report = morphcli.check(a, b, input_shapes=[(1, 4)])
+    assert not report.equivalent, report.summary()
+    worst = report.outputs[0]
+    assert worst.input_scale == 1e-3
+    assert 3e-5 < worst.max_rel < 5e-5
+    assert 3e-5 < worst.max_abs < 5e-5
