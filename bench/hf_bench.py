@@ -8,7 +8,8 @@ mergekit's passthrough merge (`mergekit-yaml`, when installed) inserting the sam
 The model is a random Llama built here (never downloaded), saved in bf16 as 3 shards. Each
 command runs in a fresh process; its wall time and peak RSS (os.wait4) are measured, best of
 --repeat. Needs about 3x the model's size of disk (2.2 GB each for TinyLlama) and, for the
-default shape, about 10 GB of memory (morph's check runs two float32 models).
+default shape, about 8 GB of memory (morph's check holds one float32 copy, shared by
+both models, then from_pretrained's own while it reloads).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ torch.manual_seed(0)
 m = T.LlamaForCausalLM(T.LlamaConfig(**{SHAPES[shape]!r}, max_position_embeddings=2048))
 n = sum(p.numel() for p in m.parameters())
 size = sum(p.numel() * 2 for p in m.parameters())
-m.to(torch.bfloat16).save_pretrained({str(folder)!r}, max_shard_size=size // 3 + 1)
+m.to(torch.bfloat16).save_pretrained({str(folder)!r}, max_shard_size=size * 10 // 28)
 print(n)
 """
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
@@ -58,7 +59,7 @@ print(n)
 
 
 def measure(cmd: list[str], cleanup: Path, repeat: int) -> tuple[float, float, int]:
-    """Best wall seconds and peak RSS (GB) of ``cmd`` over ``repeat`` fresh processes."""
+    """Best wall seconds and peak RSS (GiB) of ``cmd`` over ``repeat`` fresh processes."""
     best_t, best_rss, rc = float("inf"), float("inf"), 0
     for _ in range(repeat):
         shutil.rmtree(cleanup, ignore_errors=True)
@@ -93,9 +94,10 @@ def main() -> None:
         rows = {}
         rows["floor"] = measure([PYTHON, "-c", FLOOR, str(src), str(root / "floor")],
                                 root / "floor", args.repeat)
-        rows["morph"] = measure([PYTHON, "-m", "morphcli", "deepen", str(src), "--after",
-                                 f"model.layers.{after}", "-o", str(root / "morph"), "-q"],
-                                root / "morph", args.repeat)
+        deepen = [PYTHON, "-m", "morphcli", "deepen", str(src), "--after",
+                  f"model.layers.{after}", "-o", str(root / "morph"), "-q"]
+        rows["morph"] = measure(deepen, root / "morph", args.repeat)
+        rows["no check"] = measure([*deepen, "--no-check"], root / "morph", args.repeat)
         merge = shutil.which("mergekit-yaml")
         if merge:
             n_layers = SHAPES[args.shape]["num_hidden_layers"]
@@ -109,10 +111,15 @@ def main() -> None:
         floor_t, floor_rss, _ = rows["floor"]
         for name, (t, rss, rc) in rows.items():
             status = "" if rc == 0 else f"  (failed, exit {rc})"
-            print(f"{name:>9}: {t:6.1f} s ({t / floor_t:4.2f}x floor)  peak RSS {rss:5.2f} GB "
+            print(f"{name:>9}: {t:6.1f} s ({t / floor_t:4.2f}x floor)  peak RSS {rss:5.2f} GiB "
                   f"({rss / floor_rss:4.2f}x floor){status}")
         if not merge:
             print(" mergekit: not installed (pip install mergekit), not compared")
+        f32_gb = 4 * n / 1e9  # the check's float32 model, shared by original and grown
+        print(f"   (morph = deepen with its float32 check; 'no check' = --no-check. The "
+              f"check holds one float32 copy, {f32_gb:.1f} GB = 2x the bf16 bytes, and runs "
+              "both models: 2 batches of logits and 12 greedy steps each, plus the reloaded "
+              "output once more; the floor holds one shard)")
         t, rss, _ = rows["morph"]
         goals = [("time <= 1.5x floor", t <= 1.5 * floor_t),
                  ("peak RSS <= 1.2x floor", rss <= 1.2 * floor_rss)]

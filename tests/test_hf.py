@@ -516,3 +516,83 @@ def test_gpt2_with_stored_causal_masks(tiny: Callable[..., Path], tmp_path: Path
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     _, out = _morph("deepen", src, "--after", "transformer.h.0", "-o", tmp_path / "o")
     assert_same_function(base, out, "gpt2", "deepen-gpt2-masks")
+
+
+# ---------------------------------------------------------------- scale: no copies
+
+
+def _mapped_files() -> set[str]:
+    """Files memory-mapped into this process (Linux)."""
+    maps = Path("/proc/self/maps")
+    return {line.split(maxsplit=5)[5].strip() for line in maps.read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6}
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as g:
+            state.update({k: g.get_tensor(k) for k in g.keys()})  # noqa: SIM118
+    return state
+
+
+def test_unchanged_tensors_are_shared_and_written_byte_for_byte(
+        tiny: Callable[..., Path], tmp_path: Path) -> None:
+    """The input is memory-mapped, not read; the morph copies no unchanged tensor; the
+    check's two float32 models share every unchanged tensor (one upcast each); the output
+    holds the input's exact bytes where unchanged."""
+    from morphcli.hf.check import build, upcast_consuming
+    from morphcli.hf.directory import load_dir
+    from morphcli.hf.morphs import deepen
+
+    src = tiny("llama", torch.bfloat16, "20KB")
+    d = load_dir(src)
+    shards = {str((src / f).resolve()) for f in d.weight_files if f.endswith(".safetensors")}
+    if Path("/proc/self/maps").is_file():
+        assert shards <= _mapped_files(), "the shards are not memory-mapped"
+    r = deepen(d, ["model.layers.0"])  # new block 1; old block 1 becomes block 2
+    moved = {k: k.replace("layers.1.", "layers.2.") for k in d.state}
+    assert all(r.state[moved[k]] is t for k, t in d.state.items()), "a tensor was copied"
+    n_stored = len(d.state)
+    f32_a, f32_b = upcast_consuming(d.state, r.state)
+    assert not d.state and not r.state, "the stored tensors were kept"
+    a, b = build(d, d.config, f32_a), build(d, r.config, f32_b)
+    pa, pb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    for k in moved:
+        assert pa[k].dtype == torch.float32 and pa[k].data_ptr() == pb[moved[k]].data_ptr(), k
+    ptrs_a = {t.data_ptr() for t in pa.values()}
+    new = [k for k in pb if k.startswith("model.layers.1.")]
+    assert len(new) == 9 and not any(pb[k].data_ptr() in ptrs_a for k in new)
+    assert len({t.data_ptr() for t in [*f32_a.values(), *f32_b.values()]}) == n_stored + 9
+    _, out = _morph("deepen", src, "--after", "model.layers.0", "-o", tmp_path / "o")
+    before, after = _read_all(src), _read_all(out)
+    assert len(after) == len(before) + 9
+    for k, t in before.items():  # byte for byte: compare the raw 16-bit patterns
+        assert after[moved[k]].dtype == torch.bfloat16
+        assert torch.equal(after[moved[k]].view(torch.int16), t.view(torch.int16)), k
+
+
+def test_shard_size(tiny: Callable[..., Path], tmp_path: Path) -> None:
+    """write_dir cuts shards at --shard-size bytes; the sizes parse as transformers' do."""
+    from morphcli.errors import InputError
+    from morphcli.hf.directory import load_dir
+    from morphcli.hf.write import parse_size, write_dir
+
+    assert (parse_size("5GB"), parse_size("500MB"), parse_size("2GiB")) == (
+        5 * 10**9, 5 * 10**8, 2 * 2**30)
+    for bad in ("0", "5XB", "-1GB", "big"):
+        with pytest.raises(InputError, match="--shard-size"):
+            parse_size(bad)
+    d = load_dir(tiny("llama", torch.bfloat16, "20KB"))
+    limit = parse_size("10KB")
+    biggest = max(t.numel() * t.element_size() for t in d.state.values())
+    total = sum(t.numel() * t.element_size() for t in d.state.values())
+    state = dict(d.state)
+    files = write_dir(d, tmp_path, state, d.config, {}, limit)
+    assert not state, "write_dir keeps what it wrote"
+    sizes = [(tmp_path / f).stat().st_size - _header_bytes(tmp_path / f) for f in files[1:]]
+    assert len(files) - 1 > len(d.weight_files) - 1
+    assert all(s <= max(limit, biggest) for s in sizes) and sum(sizes) == total
+    assert _read_all(tmp_path).keys() == d.state.keys()

@@ -5,6 +5,7 @@ KV cache for decoders (a plain forward misses per-layer index bugs that only the
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import warnings
 from collections.abc import Iterator
@@ -89,8 +90,10 @@ def to_config(d: HFDir, config: dict[str, Any]) -> Any:
 def build(d: HFDir, config: dict[str, Any], state: dict[str, torch.Tensor],
           shared: dict[int, torch.Tensor] | None = None) -> torch.nn.Module:
     """``type(model)(config)`` holding ``state`` upcast to float32, without a random init and
-    without copies: the parameters are the float32 tensors themselves, and ``shared`` (id of a
-    stored tensor -> its float32 form) lets two models share every unchanged tensor. Every
+    without copies: built with its parameters on the meta device (no memory, no init), then
+    the float32 tensors themselves become the parameters (``assign``). ``shared`` (id of a
+    stored tensor -> its float32 form) lets two models share every unchanged tensor: the
+    grown model's float32 state is built from the original's float32 tensors. Every
     parameter must come from ``state`` or be tied to one that does."""
     from transformers.initialization import no_init_weights
 
@@ -100,14 +103,12 @@ def build(d: HFDir, config: dict[str, Any], state: dict[str, torch.Tensor],
         if id(v) not in shared:
             shared[id(v)] = v.float() if v.is_floating_point() else v
         f32[k] = shared[id(v)]
-    with quiet_transformers(), no_init_weights():
+    with quiet_transformers(), no_init_weights(), _parameters_on_meta():
         model = model_class(d)(to_config(d, config))
     result = model.load_state_dict(f32, strict=False, assign=True)
     model.tie_weights()  # assign replaced the tied parameter: tie the head to it again
     model = model.float().eval()
-    params = model.state_dict()
-    loaded = {params[k].data_ptr() for k in f32 if k in params}
-    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
+    missing = [k for k, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
     unexpected = [k for k in result.unexpected_keys  # GPT-2's stored causal masks: unused
                   if not any(re.search(pattern, k) for pattern in ignored)]
@@ -117,26 +118,113 @@ def build(d: HFDir, config: dict[str, Any], state: dict[str, torch.Tensor],
     return model
 
 
-def compare_models(a: torch.nn.Module, b: torch.nn.Module, vocab: int, *, decoder: bool,
+def upcast_consuming(*states: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The float32 form of each state (non-float tensors as they are), one upcast per stored
+    tensor however many states hold it, so the models built from them share every unchanged
+    tensor. The states are emptied as it goes: a stored tensor leaves every state at once
+    when upcast, so it dies (its file mapping unmapped) and the next is not read before its
+    turn; memory holds the float32 copies plus one stored tensor, not the input besides."""
+    orders = [list(state) for state in states]  # the key order decides the output shards
+    holders: dict[int, list[tuple[int, str]]] = {}  # id of a stored tensor -> its entries
+    for i, state in enumerate(states):
+        for k, v in state.items():
+            holders.setdefault(id(v), []).append((i, k))
+    out: list[dict[str, torch.Tensor]] = [{} for _ in states]
+    for entries in holders.values():
+        i, k = entries[0]
+        v = states[i][k]
+        f32 = v.float() if v.is_floating_point() else v
+        for j, key in entries:
+            del states[j][key]
+            out[j][key] = f32
+        del v
+    return [{k: f32[k] for k in order} for f32, order in zip(out, orders, strict=True)]
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered meanwhile moves to the meta device (its empty CPU tensor,
+    never written, is freed at once); buffers (rotary frequencies, position ids, causal
+    masks) are computed on the CPU as usual, since no state_dict holds them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = type(param)(param.to("meta"),
+                                                   requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+class Reference:
+    """The original model, with its outputs remembered (keyed by the inputs' bytes): the
+    second check, of the reloaded output, compares against them, so the original can be
+    freed before the reload and at most one float32 model of each kind is alive."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model: torch.nn.Module | None = model
+        self.config = model.config
+        self._outputs: dict[bytes, list[torch.Tensor]] = {}
+        self._greedy: dict[tuple[int, int], torch.Tensor] = {}
+
+    def run(self, inputs: Any) -> list[torch.Tensor]:
+        key = b"".join(t.numpy().tobytes() for t in inputs)
+        if key not in self._outputs:
+            self._outputs[key] = _runner(self._live())(inputs)
+        return self._outputs[key]
+
+    def greedy(self, vocab: int, seed: int) -> torch.Tensor:
+        if (vocab, seed) not in self._greedy:
+            self._greedy[vocab, seed] = _greedy(self._live(), vocab, seed)
+        return self._greedy[vocab, seed]
+
+    def release(self) -> None:
+        """Drop the model (its float32 tensors); the remembered outputs stay."""
+        self.model = None
+        gc.collect()  # a transformers model holds reference cycles: free it now
+        release_free_memory()
+
+    def _live(self) -> torch.nn.Module:
+        if self.model is None:  # a caller bug, never a user's: say which
+            raise RuntimeError("the original model was released before its outputs were "
+                               "remembered for these inputs")
+        return self.model
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc keeps tensors under its mmap threshold
+    in the heap, where the reload's float32 model would come on top of them)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def compare_models(a: Reference, b: torch.nn.Module, vocab: int, *, decoder: bool,
                    samples: int, batch_size: int, seed: int, atol: float,
                    rtol: float) -> HFCheck:
     """Logits (every output) on seeded random ids in [0, vocab), then greedy tokens."""
     from morphcli.equivalence.compare import compare
     from morphcli.graph.inputs import InputSpec
 
-    seq = min(SEQ_LEN, _max_positions(a))
+    seq = min(SEQ_LEN, _max_positions(a.config))
     specs = [InputSpec((batch_size, seq), "int64", vocab)]
     with torch.no_grad(), quiet_transformers():
-        report = compare(_runner(a), _runner(b), specs, samples=samples, batch_size=batch_size,
+        report = compare(a.run, _runner(b), specs, samples=samples, batch_size=batch_size,
                          seed=seed, atol=atol, rtol=rtol)
         if not decoder:
             return HFCheck(report, None)
-        same = _greedy(a, vocab, seed).equal(_greedy(b, vocab, seed))
+        same = a.greedy(vocab, seed).equal(_greedy(b, vocab, seed))
     return HFCheck(report, bool(same), GREEDY_NEW)
 
 
-def _max_positions(model: torch.nn.Module) -> int:
-    cfg = model.config
+def _max_positions(cfg: Any) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
                or SEQ_LEN)
 

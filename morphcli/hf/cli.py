@@ -42,6 +42,7 @@ class HFRun:
     as_json: bool = False
     quiet: bool = False
     trust: bool = False
+    shard_size: str | None = None    # --shard-size, e.g. 5GB; None: shard like the input
 
 
 # ---------------------------------------------------------------- inspect
@@ -135,12 +136,13 @@ def _refuse_field(d: Any, field: str) -> Exception:
 def _morph_command(model: str, kind: str, morph: Any, run: HFRun,
                    check: HFCheckOptions) -> None:
     from morphcli.cli.progress import step
-    from morphcli.hf.check import reload
+    from morphcli.hf.check import release_free_memory, reload
     from morphcli.hf.directory import load_dir
     from morphcli.hf.morphs import meta_model
-    from morphcli.hf.write import check_output_dir, staged_dir, write_dir
+    from morphcli.hf.write import check_output_dir, parse_size, staged_dir, write_dir
 
     source = Path(model)
+    shard_bytes = parse_size(run.shard_size) if run.shard_size is not None else None
     dest = Path(run.output) if run.output else source.with_name(source.name + f".{kind}")
     if run.output == "-":
         raise InputError("a Hugging Face directory is written to a directory: pass -o DIR")
@@ -157,14 +159,24 @@ def _morph_command(model: str, kind: str, morph: Any, run: HFRun,
             info(_plan_text(result.plan))
         return
     verdict, original, again = None, None, None
-    if not check.skip:
+    # From here the locals alone hold the tensors, so each is freed once used: upcast for
+    # the check, or written (unchecked: straight from the mapped input).
+    stored, state, dtypes = d.state, result.state, None
+    d.state = result.state = {}
+    if check.skip:
+        stored = {}
+    else:
+        dtypes = {k: t.dtype for k, t in state.items()}
         with step("checking logits and greedy tokens in float32", quiet=run.quiet):
-            verdict, original = _check(d, result, check)
+            verdict, original, state = _check(d, result.config, stored, state, check)
         _require(verdict, run.force, "the grown model")
+        if verdict.equivalent:  # its outputs are remembered: free its float32 tensors
+            original.release()
     with staged_dir(dest) as tmp:
         with step(f"writing {dest}", quiet=run.quiet):
-            files = write_dir(d, tmp, result.state, result.config, result.plan)
+            files = write_dir(d, tmp, state, result.config, result.plan, shard_bytes, dtypes)
         if not check.skip:
+            release_free_memory()  # the float32 tensors just written and freed
             with step("reloading with from_pretrained and checking again", quiet=run.quiet):
                 again = _compare(d, original, reload(d, tmp), check)
             _require(again, run.force, "the written directory")
@@ -173,14 +185,18 @@ def _morph_command(model: str, kind: str, morph: Any, run: HFRun,
         raise typer.Exit(EXIT_NOT_EQUIVALENT)  # written with --force: still not equivalent
 
 
-def _check(d: Any, result: Any, check: HFCheckOptions) -> tuple[Any, Any]:
-    """(verdict, the original model): kept for the second check, of the reloaded output."""
-    from morphcli.hf.check import build
+def _check(d: Any, config: dict[str, Any], stored: dict[str, Any], grown: dict[str, Any],
+           check: HFCheckOptions) -> tuple[Any, Any, Any]:
+    """(verdict, the original as a Reference, the grown state in float32). The original is
+    kept for the second check, of the reloaded output; the grown model is freed on return.
+    ``stored`` and ``grown`` (the input's and the morph's tensors) are emptied: the output
+    is written from the float32 tensors, cast back to the input's dtype (exact)."""
+    from morphcli.hf.check import Reference, build, upcast_consuming
 
-    shared: dict[int, Any] = {}  # the two models share every unchanged tensor
-    a = build(d, d.config, d.state, shared)
-    b = build(d, result.config, result.state, shared)
-    return _compare(d, a, b, check), a
+    f32_a, f32_b = upcast_consuming(stored, grown)  # shared where unchanged
+    a = Reference(build(d, d.config, f32_a))
+    b = build(d, config, f32_b)
+    return _compare(d, a, b, check), a, f32_b
 
 
 def _compare(d: Any, a: Any, b: Any, check: HFCheckOptions) -> Any:
@@ -218,7 +234,7 @@ def _plan_text(plan: dict[str, Any]) -> str:
 def hf_check(a: str, b: str, check: HFCheckOptions, as_json: bool) -> bool:
     """Compare two directories of one family; returns whether they are equivalent."""
     from morphcli.hf import is_hf_dir
-    from morphcli.hf.check import build
+    from morphcli.hf.check import Reference, build
     from morphcli.hf.directory import load_dir
 
     if not (is_hf_dir(a) and is_hf_dir(b)):
@@ -229,8 +245,8 @@ def hf_check(a: str, b: str, check: HFCheckOptions, as_json: bool) -> bool:
             "vocab_size"):
         raise InputError(f"{a} ({da.family.name}) and {b} ({db.family.name}) are not the same "
                          "family with the same vocabulary")
-    verdict = _compare(da, build(da, da.config, da.state), build(db, db.config, db.state),
-                       check)
+    verdict = _compare(da, Reference(build(da, da.config, da.state)),
+                       build(db, db.config, db.state), check)
     if as_json:
         print_json(verdict.to_json())
     else:

@@ -128,9 +128,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
+            return _read_lazily(path)
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # the weights-only unpickler refuses code: say so, in one line
         what = "needs code that is not allowlisted" if "weights_only" in str(e) else "is damaged"
@@ -140,6 +138,22 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{path} does not hold a state_dict (a dict of tensors)")
     return obj
+
+
+def _read_lazily(path: Path) -> dict[str, Any]:
+    """One shard's tensors, each backed by its own memory map of the file (safetensors'
+    mmap backend): nothing is read until a tensor's bytes are used, a tensor that is never
+    changed is never copied, and one that dies is unmapped at once (one map per file would
+    stay resident until its last tensor dies), so the check can upcast tensor by tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = list(f.keys())  # noqa: SIM118 (not a dict)
+    out = {}
+    for k in keys:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out[k] = f.get_tensor(k)
+    return out
 
 
 def _blocks(root: Path, family: Family, state: dict[str, Any]) -> tuple[str, int]:
