@@ -596,3 +596,22 @@ def test_shard_size(tiny: Callable[..., Path], tmp_path: Path) -> None:
     assert len(files) - 1 > len(d.weight_files) - 1
     assert all(s <= max(limit, biggest) for s in sizes) and sum(sizes) == total
     assert _read_all(tmp_path).keys() == d.state.keys()
+
+
+def test_shard_size_option(tiny: Callable[..., Path], tmp_path: Path, samples: Path) -> None:
+    """--shard-size cuts the written directory's shards; a model file refuses it."""
+    src = tiny("llama", torch.bfloat16)
+    out = tmp_path / "grown"
+    code, _, err = invoke("deepen", src, "--after", "model.layers.0", "--shard-size", "20KB",
+                          "-o", out, "--quiet")
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert len(shards) > len(list(src.glob("*.safetensors")))
+    assert set(index["weight_map"]) == set(_read_all(out))
+    _load(out, "LlamaForCausalLM")  # every key found across the shards, none missing
+    code, _, err = invoke("deepen", samples / "cnn.pt", "--after", "conv3", "--shard-size", "1GB",
+                          "-o", tmp_path / "x.pt")
+    assert code == 2
+    assert_one_error_line(err, "--shard-size applies to Hugging Face directories only")

@@ -52,6 +52,7 @@ def deepen(
     no_check: mc.NoCheck = False,
     full_size: mc.FullSize = False,
     dry_run: mc.DryRun = False,
+    shard_size: mc.ShardSize = None,
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
     trust: o.Trust = False,
@@ -80,8 +81,10 @@ def deepen(
                             "--activation": activation is not None, "--residual": residual,
                             "--noise": noise > 0, "--arch": arch is not None,
                             "--input-shape": bool(input_shape), "--full-size": full_size})
-            return hf_deepen(model, after, HFRun(output, force, dry_run, as_json, quiet, trust),
+            return hf_deepen(model, after, HFRun(output, force, dry_run, as_json, quiet, trust,
+                                   shard_size),
                              HFCheckOptions(samples, batch_size, seed, atol, rtol, no_check))
+        mc.refuse_shard_size(shard_size)
         if len(after) > 1:
             from morphcli.errors import InputError
 

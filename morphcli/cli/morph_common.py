@@ -20,6 +20,9 @@ Force = Annotated[bool, typer.Option("--force", help="Write the result even if t
 NoCheck = Annotated[bool, typer.Option("--no-check", help="Skip the equivalence check.",
                                        rich_help_panel="Checking")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
+ShardSize = Annotated[str | None, typer.Option(
+    "--shard-size", help="Hugging Face directories: the largest weight file to write, e.g. 5GB "
+    "or 500MB (default: shard like the input).", show_default=False)]
 FullSize = Annotated[bool, typer.Option(
     "--full-size", help="Check at the stored input size. By default an image-like input is "
     "shrunk (by a power of two) while every convolution and pooling weight still meets data, "
@@ -167,6 +170,15 @@ def check_options(no_check: bool, samples: int, batch_size: int, seed: int, atol
 
     check_numbers(samples, batch_size, seed, atol, rtol)
     return CheckOptions(not no_check, samples, batch_size, seed, atol, rtol, full_size)
+
+
+def refuse_shard_size(shard_size: str | None) -> None:
+    """--shard-size shapes a Hugging Face directory's weight files; a model file has one."""
+    if shard_size is not None:
+        from morphcli.errors import InputError
+
+        raise InputError("--shard-size applies to Hugging Face directories only; a model file "
+                         "is written whole")
 
 
 def check_numbers(samples: int, batch_size: int, seed: int, atol: float, rtol: float) -> None:

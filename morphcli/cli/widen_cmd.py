@@ -57,6 +57,7 @@ def widen(
     no_check: mc.NoCheck = False,
     full_size: mc.FullSize = False,
     dry_run: mc.DryRun = False,
+    shard_size: mc.ShardSize = None,
     samples: o.Samples = DEFAULT_SAMPLES,
     batch_size: o.BatchSize = DEFAULT_BATCH_SIZE,
     seed: o.Seed = 0,
@@ -85,8 +86,9 @@ def widen(
                             "--arch": arch is not None, "--input-shape": bool(input_shape),
                             "--full-size": full_size})
             return hf_widen(model, layer, to, by, factor, init,
-                            HFRun(output, force, dry_run, as_json, quiet, trust),
+                            HFRun(output, force, dry_run, as_json, quiet, trust, shard_size),
                             HFCheckOptions(samples, batch_size, seed, atol, rtol, no_check))
+        mc.refuse_shard_size(shard_size)
         from morphcli.morphs.widen import WidenOptions, widen_graph
 
         mc.run_morph_command(
