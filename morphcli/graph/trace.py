@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +29,11 @@ class _Tracer(fx.Tracer):
 
 
 def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
-          source: str | None = None) -> fx.GraphModule:
+          source: str | None = None, n_inputs: int | None = None) -> fx.GraphModule:
     """Trace ``module`` (in eval mode) into a GraphModule and attach ``inputs`` to it.
     ``source`` (the file) starts the message when a layer's name cannot be used.
+    Arguments of ``forward`` with a plain default (``attn_mask=None``, ``is_causal=False``) are
+    fixed at it and are no inputs, unless ``n_inputs`` (or ``inputs``) asks for that many.
 
     >>> gm = trace(nn.Sequential(nn.Linear(4, 2)), [InputSpec((1, 4))])
     """
@@ -40,12 +44,14 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
         _substitute_layers(module)
         was_training = module.training
         module.eval()
+        fixed = _fixed_defaults(module, len(inputs) if inputs is not None else n_inputs)
         try:
-            graph = _Tracer().trace(module)
+            graph = _Tracer().trace(module, concrete_args=fixed or None)
         except Exception as e:  # fx raises many types; all mean "cannot follow this model"
             raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}") from e
         finally:
             module.train(was_training)
+        _drop_fixed_placeholders(graph, fixed)
         _check_input_names(graph, source)
         name = type(module).__name__
         gm = fx.GraphModule(module, graph, class_name=name
@@ -80,6 +86,60 @@ def check_names(module: nn.Module, source: str | None = None) -> None:
                     f"{where}{kind} {prefix + str(name)!r}{what}: the name {name!r} {problem}, "
                     "so torch.fx cannot write code for it; rename it in the model (and in its "
                     "state_dict keys) and save the model again")
+
+
+# Defaults fx can specialise on: a placeholder plus an assert that the value is unchanged.
+_FIXABLE = (type(None), bool, int, float, str)
+_ASSERTS = (operator.eq, torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None))
+
+
+def _fixed_defaults(module: nn.Module, n_inputs: int | None) -> dict[str, object]:
+    """The arguments of ``module.forward`` to trace at their defaults: those with a plain
+    default beyond the first ``n_inputs`` (timm's ViT: ``forward(x, attn_mask=None)``)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: trace as fx would
+        return {}
+    fixed: dict[str, object] = {}
+    for i, p in enumerate(params):
+        kinds = (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if p.kind not in kinds or p.default is p.empty or type(p.default) not in _FIXABLE:
+            continue
+        if n_inputs is not None and i < n_inputs and p.kind is p.POSITIONAL_OR_KEYWORD:
+            continue
+        fixed[p.name] = p.default
+    return fixed
+
+
+def _drop_fixed_placeholders(graph: fx.Graph, fixed: dict[str, object]) -> None:
+    """Remove the placeholders fx made for ``fixed`` arguments, with the asserts that check
+    them: the traced code already holds the defaults, and the asserts call fx internals that a
+    stored description may not name."""
+    if not fixed:
+        return
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        base = str(node.target).rsplit("_", 1)[0]
+        if base not in fixed or str(node.target) in fixed:
+            continue
+        chain = _users_closure(node)
+        if any(n.op != "call_function" or n.target not in _ASSERTS for n in chain):
+            continue  # something besides the asserts reads it: keep it (it has a default)
+        for n in reversed(chain):
+            graph.erase_node(n)
+        graph.erase_node(node)
+
+
+def _users_closure(node: fx.Node) -> list[fx.Node]:
+    """Every node that depends on ``node``, in graph order."""
+    seen: dict[fx.Node, None] = {}
+    todo = list(node.users)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen[n] = None
+            todo.extend(n.users)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
 
 
 def _check_input_names(graph: fx.Graph, source: str | None) -> None:

@@ -1,0 +1,99 @@
+"""timm models (PyTorch Image Models): inputs with defaults, timm's layers through the public
+rule API, tensor factories in descriptions, and where a model stops the trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import morphcli
+from tests.helpers import outputs_of, run_cli
+
+timm = pytest.importorskip("timm")
+
+
+def _randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random norm statistics and affines, layer scales and heads (timm starts some at zero or
+    1e-6, which would hide a wrong branch), as scripts/zoo.py does for torchvision."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if not p.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("running_var",) or "gamma" in leaf or leaf.startswith("ls"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif leaf in ("running_mean", "bias") or p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (leaf == "weight"))
+    return model.eval()
+
+
+def _max_diff(a: nn.Module, b: nn.Module, shape: tuple[int, ...]) -> float:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    (ya,), (yb,) = outputs_of(a, [x]), outputs_of(b, [x])
+    assert ya.shape == yb.shape
+    return float((ya.double() - yb.double()).abs().max())
+
+
+def _vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return _randomised(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                         num_heads=2, num_classes=10))
+
+
+# ---------------------------------------------------------------- 1. inputs with defaults
+
+
+class _Defaults(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                causal: bool = False, scale: float = 1.0) -> torch.Tensor:
+        h = self.fc(x)
+        if mask is not None:
+            h = h + mask
+        if causal:
+            h = h * 2
+        return self.out(h) * scale
+
+
+def test_defaulted_arguments_are_no_inputs() -> None:
+    model = _Defaults().eval()
+    wide, result = morphcli.widen(model, "fc", by=3, input_shapes=[(2, 4)])
+    placeholders = [n.name for n in wide.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["x"]
+    assert result.check.equivalent
+    assert not any("assert" in str(n.target) for n in wide.graph.nodes)
+    assert _max_diff(model, wide, (3, 4)) < 1e-6
+
+
+def test_defaulted_argument_given_a_shape_is_an_input() -> None:
+    from morphcli.morphs.runner import as_graph_module
+
+    model = _Defaults().eval()
+    gm = as_graph_module(model, [(2, 4), (2, 6)])
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["x", "mask"]
+    x, m = torch.randn(2, 4), torch.randn(2, 6)
+    with torch.no_grad():
+        assert float((model(x, m) - gm(x, m)).abs().max()) == 0.0
+
+
+def test_timm_vit_widens_with_one_input_shape(tmp_path: Path) -> None:
+    model = _vit()
+    src, out = tmp_path / "vit.pt", tmp_path / "wide.pt"
+    torch.save(model, src)
+    r = run_cli("widen", src, "blocks.0.mlp.fc1", "--by", "8", "--input-shape", "1,3,32,32",
+                "--trust", "-o", out)
+    assert r.code == 0, r.stderr
+    wide = morphcli.load(out)
+    assert wide.get_submodule("blocks.0.mlp.fc1").out_features == 32 * 4 + 8
+    assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
