@@ -97,3 +97,46 @@ def test_timm_vit_widens_with_one_input_shape(tmp_path: Path) -> None:
     wide = morphcli.load(out)
     assert wide.get_submodule("blocks.0.mlp.fc1").out_features == 32 * 4 + 8
     assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
+
+
+# ---------------------------------------------------------------- 2. timm's layers, by the API
+
+
+def test_timm_batchnormact_and_linear_widen_and_store(tmp_path: Path) -> None:
+    """LCNet: BatchNormAct2d (hardswish) after every conv, timm's Linear as classifier."""
+    torch.manual_seed(0)
+    model = _randomised(timm.create_model("lcnet_050", pretrained=False))
+    src, out = tmp_path / "lcnet.pt", tmp_path / "wide.pt"
+    torch.save(model.state_dict(), src)
+    arch = ["--arch", "timm:create_model", "--arch-kwargs", '{"model_name": "lcnet_050"}']
+    r = run_cli("widen", src, "blocks.2.0.conv_pw", "--factor", "2", "--init", "copy",
+                "--input-shape", "1,3,32,32", *arch, "-o", out)
+    assert r.code == 0, r.stderr
+    wide = morphcli.load(out)
+    assert type(wide.get_submodule("blocks.2.0.bn2")).__name__ == "BatchNormAct2d"
+    assert wide.get_submodule("blocks.2.0.bn2").running_var.shape == (2 * 64,)
+    assert set(wide.state_dict()) == set(model.state_dict())  # timm's own keys
+    assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
+
+    r = run_cli("widen", src, "conv_head", "--by", "16", "--input-shape", "1,3,32,32", *arch,
+                "-o", out)
+    assert r.code == 0, r.stderr
+    wide = morphcli.load(out)
+    assert type(wide.get_submodule("classifier")) is nn.Linear
+    assert wide.get_submodule("classifier").in_features == 1280 + 16
+    assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
+
+
+def test_timm_widenable_layers_regnet() -> None:
+    """RegNetX-002: 0 of 45 Conv2d/Linear widenable before timm's BatchNormAct2d was followed."""
+    from morphcli.graph.layers import layers
+    from morphcli.morphs.applicable import applicable_morphs
+    from morphcli.morphs.runner import as_graph_module
+
+    model = _randomised(timm.create_model("regnetx_002", pretrained=False))
+    gm = as_graph_module(model, [(1, 3, 32, 32)])
+    convs = [lay for lay in layers(gm) if isinstance(lay.module, (nn.Conv2d, nn.Linear))]
+    widenable = [lay.name for lay in convs if "widen" in applicable_morphs(gm, lay)]
+    assert (len(widenable), len(convs)) == (44, 45)  # the classifier feeds the output
+    wide, _ = morphcli.widen(gm, "s2.b1.conv2.conv", factor=2, init="copy", check=False)
+    assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5

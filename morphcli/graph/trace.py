@@ -17,13 +17,14 @@ from morphcli.errors import InputError, TraceError
 from morphcli.graph import names
 from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
 from morphcli.graph.shapes import Snapshot, infer, refresh
+from morphcli.rules import registry
 
 
 class _Tracer(fx.Tracer):
     """torch.nn layers and morphcli's own modules stay single nodes named by their module path."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m).__module__.startswith("morphcli."):
+        if type(m).__module__.startswith("morphcli.") or registry.is_leaf(type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -156,13 +157,28 @@ def _substitute_layers(module: nn.Module) -> None:
     """Swap foreign layers we re-implement (e.g. StochasticDepth) for morphcli's own."""
     from morphcli.modules import SUBSTITUTES
 
+    _load_contrib(module)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             make = SUBSTITUTES.get(f"{type(child).__module__}.{type(child).__qualname__}")
-            if make is not None:
-                replacement = make(child)
+            replacement = make(child) if make is not None else None
+            if replacement is not None:
                 replacement.train(child.training)
                 setattr(parent, name, replacement)
+
+
+# Libraries whose layers morphcli supports through the public rule API, by top-level package.
+_CONTRIB = {"timm": "morphcli.contrib.timm"}
+
+
+def _load_contrib(module: nn.Module) -> None:
+    """Register a library's rules and substitutes when the model uses its layers (only then:
+    importing timm costs a second)."""
+    import importlib
+
+    packages = {type(m).__module__.split(".", 1)[0] for m in module.modules()}
+    for package in packages & _CONTRIB.keys():
+        importlib.import_module(_CONTRIB[package])
 
 
 def propagate_shapes(gm: fx.GraphModule) -> None:
