@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import morphcli
-from tests.helpers import outputs_of, run_cli
+from tests.helpers import assert_one_error_line, invoke, outputs_of, run_cli
 
 timm = pytest.importorskip("timm")
 
@@ -140,3 +140,72 @@ def test_timm_widenable_layers_regnet() -> None:
     assert (len(widenable), len(convs)) == (44, 45)  # the classifier feeds the output
     wide, _ = morphcli.widen(gm, "s2.b1.conv2.conv", factor=2, init="copy", check=False)
     assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
+
+
+# ---------------------------------------------------------------- 3. tensor factories stored
+
+
+class _Factories(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], dtype=x.dtype, device=x.device)
+        return self.fc(x) + pos + torch.ones(x.shape, device=x.device) + torch.zeros(x.shape)
+
+
+def test_tensor_factories_are_stored(tmp_path: Path) -> None:
+    model = _Factories().eval()
+    out = tmp_path / "f.pt"
+    morphcli.save(_traced(model), out)
+    back = morphcli.load(out)
+    called = {n.target for n in back.graph.nodes if n.op == "call_function"}
+    assert {torch.arange, torch.ones, torch.zeros} <= called
+    assert _max_diff(model, back, (3, 4)) == 0.0
+
+
+def _traced(model: nn.Module) -> nn.Module:
+    from morphcli.morphs.runner import as_graph_module
+
+    return as_graph_module(model, [(1, 4)])
+
+
+def _tamper_factory(src: Path, dest: Path, **kwargs: object) -> Path:
+    import json
+
+    archive = torch.load(src, weights_only=True)
+    desc = json.loads(archive["architecture"])
+    node = next(n for n in desc["nodes"] if n["target"] == "torch.ones")
+    node["kwargs"]["dict"].update(kwargs)
+    torch.save({**archive, "architecture": json.dumps(desc)}, dest)
+    return dest
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"device": {"device": "cpu"}}, "ones on a fixed device 'cpu'"),
+    ({"out": {"node": "x"}}, "ones with keyword 'out'"),
+    ({"pin_memory": True}, "ones with keyword 'pin_memory'"),
+])
+def test_factory_with_a_fixed_device_or_out_is_refused(tmp_path: Path, kwargs: dict,
+                                                       message: str) -> None:
+    src = tmp_path / "f.pt"
+    morphcli.save(_traced(_Factories().eval()), src)
+    bad = _tamper_factory(src, tmp_path / "bad.pt", **kwargs)
+    r = invoke("inspect", bad)
+    assert (r.code, r.stdout) == (2, "")
+    assert_one_error_line(r.stderr, message)
+
+
+def test_edgenext_exports_and_widens(tmp_path: Path) -> None:
+    """EdgeNeXt's positional encoding calls torch.zeros and torch.arange: stored now."""
+    model = _randomised(timm.create_model("edgenext_xx_small", pretrained=False))
+    src, out = tmp_path / "edge.pt", tmp_path / "wide.pt"
+    torch.save(model.state_dict(), src)
+    arch = ["--arch", "timm:create_model", "--arch-kwargs", '{"model_name": "edgenext_xx_small"}']
+    r = run_cli("widen", src, "stages.0.blocks.0.mlp.fc1", "--by", "8", "--input-shape",
+                "1,3,64,64", *arch, "-o", out)
+    assert r.code == 0, r.stderr
+    wide = morphcli.load(out)
+    assert wide.get_submodule("stages.0.blocks.0.mlp.fc1").out_features == 24 * 4 + 8
+    assert _max_diff(model, wide, (2, 3, 64, 64)) < 1e-4
