@@ -209,3 +209,38 @@ def test_edgenext_exports_and_widens(tmp_path: Path) -> None:
     wide = morphcli.load(out)
     assert wide.get_submodule("stages.0.blocks.0.mlp.fc1").out_features == 24 * 4 + 8
     assert _max_diff(model, wide, (2, 3, 64, 64)) < 1e-4
+
+
+# ---------------------------------------------------------------- 4. where the trace stops
+
+
+class _Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # a branch on a value: no trace can follow it
+            return self.fc(x)
+        return x
+
+
+def test_trace_error_names_the_models_line() -> None:
+    from morphcli.errors import TraceError
+
+    with pytest.raises(TraceError) as info:
+        morphcli.widen(_Branches(), "fc", by=2, input_shapes=[(1, 4)])
+    line = _Branches.forward.__code__.co_firstlineno + 1
+    assert f"test_timm.py:{line} (if x.sum() > 0:  # a branch" in str(info.value)
+    assert "without Python control flow" in str(info.value)
+
+
+def test_mobilevit_refusal_names_its_line(tmp_path: Path) -> None:
+    model = timm.create_model("mobilevit_xxs", pretrained=False)
+    src = tmp_path / "mvit.pt"
+    torch.save(model.state_dict(), src)
+    r = invoke("inspect", src, "--arch", "timm:create_model", "--arch-kwargs",
+               '{"model_name": "mobilevit_xxs"}', "--input-shape", "1,3,64,64")
+    assert (r.code, r.stdout) == (2, "")
+    assert_one_error_line(r.stderr, "control flow", "timm/models/mobilevit.py:",
+                          "(if new_h != H or new_w != W:)")

@@ -49,7 +49,8 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
         try:
             graph = _Tracer().trace(module, concrete_args=fixed or None)
         except Exception as e:  # fx raises many types; all mean "cannot follow this model"
-            raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}") from e
+            raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}"
+                             f"{_model_line(e)}") from e
         finally:
             module.train(was_training)
         _drop_fixed_placeholders(graph, fixed)
@@ -222,6 +223,27 @@ class _ShapeProp(ShapeProp):
     def run_node(self, n: fx.Node) -> object:
         self.current = str(n.target) if n.op == "call_module" else n.name
         return super().run_node(n)
+
+
+def _model_line(e: BaseException) -> str:
+    """Where in the model's own code tracing stopped: the innermost frame outside torch and
+    morphcli (``, at timm/models/mobilevit.py:250: if new_h != H or new_w != W:``)."""
+    import os
+    import traceback
+
+    import morphcli
+
+    skip = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, morphcli))
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(skip) and not f.filename.startswith("<")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    path = f.filename.split(f"site-packages{os.sep}", 1)[-1]
+    source = f" ({(f.line or '').strip()[:120]})" if f.line else ""
+    hint = ("; the model branches on a traced value there (e.g. a size): rewrite that line "
+            "without Python control flow on tensors" if "control flow" in str(e) else "")
+    return f", at {path}:{f.lineno}{source}{hint}"
 
 
 def _first_line(e: BaseException) -> str:
