@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import morphcli
 from morphcli.errors import UnsupportedMorphError
+from morphcli.morphs import runner
 from morphcli.rules.channel_map import ChannelMap, follow
+from morphcli.rules.linear_layers import LinearRule
 
 
 class ChannelGain(nn.Module):
@@ -108,3 +112,23 @@ def test_register_substitute_replaces_a_layer_before_tracing() -> None:
     assert wide.get_submodule("0").weight.shape == (8, 3)
     with torch.no_grad():
         assert float((before - wide(x)).abs().max()) < 1e-6
+
+
+class Unstorable(nn.Linear):
+    """A foreign layer type: widenable by the rule registered below, but not storable."""
+
+
+def test_a_model_that_cannot_be_written_is_refused_before_the_morph(tmp_path: Path) -> None:
+    from tests.helpers import assert_one_error_line, invoke
+
+    morphcli.register_rule("widen_out", Unstorable)(LinearRule)
+    model = nn.Sequential(Unstorable(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    src, out = tmp_path / "m.pt", tmp_path / "wide.pt"
+    torch.save(model, src)
+    seen: list[str] = []
+    real = runner.apply_morph
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "apply_morph", lambda *a, **k: seen.append("morph") or real(*a, **k))
+        r = invoke("widen", src, "0", "--by", "2", "--trust", "--input-shape", "1,4", "-o", out)
+    assert (r.code, seen, out.exists()) == (2, [], False)
+    assert_one_error_line(r.stderr, "layer '0' is a", "Unstorable", "cannot store")
