@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import morphcli
-from tests.helpers import assert_one_error_line, invoke, outputs_of, run_cli
+from tests.helpers import assert_one_error_line, invoke, outputs_of
 
 timm = pytest.importorskip("timm")
 
@@ -91,7 +91,7 @@ def test_timm_vit_widens_with_one_input_shape(tmp_path: Path) -> None:
     model = _vit()
     src, out = tmp_path / "vit.pt", tmp_path / "wide.pt"
     torch.save(model, src)
-    r = run_cli("widen", src, "blocks.0.mlp.fc1", "--by", "8", "--input-shape", "1,3,32,32",
+    r = invoke("widen", src, "blocks.0.mlp.fc1", "--by", "8", "--input-shape", "1,3,32,32",
                 "--trust", "-o", out)
     assert r.code == 0, r.stderr
     wide = morphcli.load(out)
@@ -109,7 +109,7 @@ def test_timm_batchnormact_and_linear_widen_and_store(tmp_path: Path) -> None:
     src, out = tmp_path / "lcnet.pt", tmp_path / "wide.pt"
     torch.save(model.state_dict(), src)
     arch = ["--arch", "timm:create_model", "--arch-kwargs", '{"model_name": "lcnet_050"}']
-    r = run_cli("widen", src, "blocks.2.0.conv_pw", "--factor", "2", "--init", "copy",
+    r = invoke("widen", src, "blocks.2.0.conv_pw", "--factor", "2", "--init", "copy",
                 "--input-shape", "1,3,32,32", *arch, "-o", out)
     assert r.code == 0, r.stderr
     wide = morphcli.load(out)
@@ -118,7 +118,7 @@ def test_timm_batchnormact_and_linear_widen_and_store(tmp_path: Path) -> None:
     assert set(wide.state_dict()) == set(model.state_dict())  # timm's own keys
     assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
 
-    r = run_cli("widen", src, "conv_head", "--by", "16", "--input-shape", "1,3,32,32", *arch,
+    r = invoke("widen", src, "conv_head", "--by", "16", "--input-shape", "1,3,32,32", *arch,
                 "-o", out)
     assert r.code == 0, r.stderr
     wide = morphcli.load(out)
@@ -127,19 +127,36 @@ def test_timm_batchnormact_and_linear_widen_and_store(tmp_path: Path) -> None:
     assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
 
 
-def test_timm_widenable_layers_regnet() -> None:
-    """RegNetX-002: 0 of 45 Conv2d/Linear widenable before timm's BatchNormAct2d was followed."""
+# (model, widenable Conv2d/Linear layers, all of them): before timm's BatchNormAct2d and Linear
+# were followed, 0/45, 16/82, 9/54 and 0/72 (depthwise convs and classifiers count in "all").
+ZOO = [("regnetx_002", 44, 45), ("efficientnet_b0", 65, 82),
+       ("mobilenetv3_small_050", 42, 54), ("dpn68", 45, 72)]
+
+
+@pytest.mark.parametrize(("name", "widenable", "total"), ZOO)
+def test_timm_zoo_slice(name: str, widenable: int, total: int) -> None:
+    """Layers listed for widen, and a seeded sample of them widened and compared with the
+    timm model itself (norms, layer scales and heads randomised first)."""
+    import random
+
     from morphcli.graph.layers import layers
     from morphcli.morphs.applicable import applicable_morphs
     from morphcli.morphs.runner import as_graph_module
 
-    model = _randomised(timm.create_model("regnetx_002", pretrained=False))
-    gm = as_graph_module(model, [(1, 3, 32, 32)])
+    torch.manual_seed(0)
+    model = _randomised(timm.create_model(name, pretrained=False))
+    gm = as_graph_module(model, [(1, 3, 64, 64)])
     convs = [lay for lay in layers(gm) if isinstance(lay.module, (nn.Conv2d, nn.Linear))]
-    widenable = [lay.name for lay in convs if "widen" in applicable_morphs(gm, lay)]
-    assert (len(widenable), len(convs)) == (44, 45)  # the classifier feeds the output
-    wide, _ = morphcli.widen(gm, "s2.b1.conv2.conv", factor=2, init="copy", check=False)
-    assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
+    listed = [lay.name for lay in convs if "widen" in applicable_morphs(gm, lay)]
+    assert (len(listed), len(convs)) == (widenable, total)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).double()
+    for i, layer in enumerate(random.Random(0).sample(listed, 2)):
+        wide, _ = morphcli.widen(gm, layer, factor=2, init=("copy", "zero")[i], check=False)
+        with torch.no_grad():
+            diff = float((wide(x).double() - y).abs().max())
+        assert diff <= 1e-5 * max(1.0, float(y.abs().max())), (layer, diff)
 
 
 # ---------------------------------------------------------------- 3. tensor factories stored
@@ -203,7 +220,7 @@ def test_edgenext_exports_and_widens(tmp_path: Path) -> None:
     src, out = tmp_path / "edge.pt", tmp_path / "wide.pt"
     torch.save(model.state_dict(), src)
     arch = ["--arch", "timm:create_model", "--arch-kwargs", '{"model_name": "edgenext_xx_small"}']
-    r = run_cli("widen", src, "stages.0.blocks.0.mlp.fc1", "--by", "8", "--input-shape",
+    r = invoke("widen", src, "stages.0.blocks.0.mlp.fc1", "--by", "8", "--input-shape",
                 "1,3,64,64", *arch, "-o", out)
     assert r.code == 0, r.stderr
     wide = morphcli.load(out)
