@@ -127,6 +127,21 @@ def test_timm_batchnormact_and_linear_widen_and_store(tmp_path: Path) -> None:
     assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
 
 
+def test_timm_activations_map_to_equal_torch_ones() -> None:
+    """Walk the contrib table: each timm activation and the torch.nn one named for it agree."""
+    from timm.layers import activations
+
+    from morphcli.contrib.timm import _TIMM_ACTIVATIONS, activation_name
+    from morphcli.modules import make_activation
+
+    x = torch.linspace(-8, 8, 401)
+    for cls_name in _TIMM_ACTIVATIONS:
+        act = getattr(activations, cls_name)()
+        rebuilt = make_activation(*activation_name(act))
+        assert float((act(x) - rebuilt(x)).abs().max()) < 1e-6, cls_name
+    assert activation_name(nn.PReLU()) is None  # its slope is a tensor: kept as timm's layer
+
+
 # (model, widenable Conv2d/Linear layers, all of them): before timm's BatchNormAct2d and Linear
 # were followed, 0/45, 16/82, 9/54 and 0/72 (depthwise convs and classifiers count in "all").
 ZOO = [("regnetx_002", 44, 45), ("efficientnet_b0", 65, 82),

@@ -8,7 +8,6 @@ BatchNormAct2d, one channelwise layer that widen follows and a description can s
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
@@ -17,7 +16,7 @@ from torch import nn
 
 from morphcli import modules
 from morphcli.rules.norms import NormRule
-from morphcli.rules.registry import register_rule, register_substitute
+from morphcli.rules.registry import lookup, register_rule, register_substitute
 
 # timm's own activations and the name (and arguments) of the torch.nn one computing the same.
 _TIMM_ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -30,7 +29,6 @@ _TIMM_ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "HardSigmoid": ("hardsigmoid", {}),
     "Mish": ("mish", {}),
 }
-_JSON_SCALARS = (bool, int, float, str)
 
 
 def plain_linear(m: TimmLinear) -> nn.Linear:
@@ -56,23 +54,12 @@ def activation_name(act: nn.Module) -> tuple[str, dict[str, Any]] | None:
     """(name, kwargs) that ``morphcli.modules.make_activation`` rebuilds ``act`` from."""
     if type(act).__module__.startswith("timm."):
         return _TIMM_ACTIVATIONS.get(type(act).__name__)
-    if act._parameters or act._buffers:
+    if act._parameters or act._buffers or not type(act).__module__.startswith("torch.nn."):
         return None  # a learnt slope (PReLU) would need its tensor stored beside the name
-    for name, factory in modules.ACTIVATIONS.items():
-        if type(act) is factory:
-            return name, _constructor_args(act)
-    return None
-
-
-def _constructor_args(act: nn.Module) -> dict[str, Any]:
-    """The activation's JSON-friendly constructor arguments (``inplace`` aside: the result
-    of a norm is a fresh tensor either way)."""
-    args = {}
-    for name in inspect.signature(type(act).__init__).parameters:
-        value = getattr(act, name, None)
-        if name != "inplace" and type(value) in _JSON_SCALARS:
-            args[name] = value
-    return args
+    if type(act) is nn.Identity:
+        return "identity", {}
+    rule = lookup("activation", act)  # swap's table: the name and the constructor arguments
+    return rule.spec(act) if rule is not None else None
 
 
 def _share_tensors(old: nn.Module, new: nn.Module) -> None:
