@@ -26,6 +26,8 @@ _LAZY = {
     "widen": "morphcli.morphs.widen",
     "swap": "morphcli.morphs.swap",
     "MorphResult": "morphcli.morphs.result",
+    "register_rule": "morphcli.rules.registry",
+    "register_substitute": "morphcli.rules.registry",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -140,6 +140,27 @@ class FeaturesLastBatchNorm(nn.modules.batchnorm._BatchNorm):
         return super().forward(x.movedim(-1, 1)).movedim(1, -1)
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm2d followed by an activation named as after ``--to`` (timm's BatchNormAct2d
+    without its drop layer): what morphcli substitutes for timm's layer, with the same
+    parameter names, so it is one channelwise layer that can be stored without timm code."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "identity",
+                 activation_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.activation = activation
+        self.activation_kwargs = dict(activation_kwargs or {})
+        self.act = make_activation(activation, self.activation_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
 # Foreign layers (by qualified class name) that tracing replaces with an equivalent of ours.
 SUBSTITUTES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "torchvision.ops.stochastic_depth.StochasticDepth": lambda m: StochasticDepth(m.p, m.mode),

@@ -62,6 +62,10 @@ def run_morph_command(
                           stdin=model == "-")
     with step(f"loading {model}", quiet=quiet):
         gm = loading.load(model)
+    if not dry_run:  # every output format stores a description: refuse before the work
+        from morphcli.graph.describe import describe
+
+        describe(gm)
     what = f"{kind} and check on {check.samples} samples" if check.enabled else kind
     with step(what, quiet=quiet, total=check.samples if check.enabled else None) as update:
         new, result = apply_morph(morph, gm, options, replace(check, progress=update))

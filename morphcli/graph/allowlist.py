@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 # Attributes that may be read from a tensor in a graph (``x.shape``); nothing that climbs to
@@ -66,8 +67,32 @@ def functions() -> dict[str, Callable[..., Any]]:
     for name in ("sqrt", "floor", "ceil", "prod", "exp", "log"):
         table[f"math.{name}"] = getattr(math, name)
     table["torch._assert"] = torch._assert
+    for name in FACTORIES:  # no tensor argument, so not overridable, yet pure tensor maths
+        table[f"torch.{name}"] = getattr(torch, name)
     table["builtins.getattr"] = builtins.getattr
     return table
+
+
+# Tensor factories sized by their arguments, which shape inference and graph.budget count
+# before any real run (torch.empty is left out: its memory is uninitialised).
+FACTORIES = ("zeros", "ones", "full", "arange", "eye", "linspace")
+_FACTORY_KWARGS = frozenset({"dtype", "layout", "device", "requires_grad"})
+
+
+def factory_problem(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str | None:
+    """Why a call of ``fn`` cannot be stored or rebuilt, if it is a factory with a keyword
+    that could leave tensor maths: a device that is not read from a tensor (``x.device``) would
+    let a description allocate on a real device while morphcli sizes the graph on meta."""
+    if not any(fn is getattr(torch, name) for name in FACTORIES):
+        return None
+    extra = sorted(set(kwargs) - _FACTORY_KWARGS)
+    if extra:
+        return f"{getattr(fn, '__name__', fn)} with keyword {extra[0]!r}"
+    device = kwargs.get("device")
+    if device is not None and not isinstance(device, torch.fx.Node):
+        return (f"{getattr(fn, '__name__', fn)} on a fixed device {str(device)!r} (only a "
+                "tensor's own device, x.device, can be stored)")
+    return None
 
 
 @functools.cache

@@ -187,6 +187,9 @@ def _describe_node(node: fx.Node) -> dict[str, Any]:
                 f"{where} calls {getattr(node.target, '__module__', '?')}.{fn}, which morphcli "
                 "cannot store safely"
             )
+        problem = allowlist.factory_problem(node.target, dict(node.kwargs))
+        if problem:
+            raise DescribeError(f"{where} calls {problem}, which morphcli cannot store safely")
         d["target"] = name
     elif node.op != "output":
         d["target"] = str(node.target)
@@ -437,6 +440,9 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
                 len(args) != 2 or args[1] not in allowlist.SAFE_ATTRS
             ):
                 raise InputError(f"node {name!r} reads an attribute that is not allowlisted")
+            problem = allowlist.factory_problem(functions[target], kwargs)
+            if problem:
+                raise InputError(f"node {name!r} calls {problem}, which is not allowlisted")
             node = graph.call_function(functions[target], args, kwargs)
         elif op == "call_method":
             if target not in methods or names.identifier_problem(target):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -15,21 +17,24 @@ from morphcli.errors import InputError, TraceError
 from morphcli.graph import names
 from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
 from morphcli.graph.shapes import Snapshot, infer, refresh
+from morphcli.rules import registry
 
 
 class _Tracer(fx.Tracer):
     """torch.nn layers and morphcli's own modules stay single nodes named by their module path."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m).__module__.startswith("morphcli."):
+        if type(m).__module__.startswith("morphcli.") or registry.is_leaf(type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
-          source: str | None = None) -> fx.GraphModule:
+          source: str | None = None, n_inputs: int | None = None) -> fx.GraphModule:
     """Trace ``module`` (in eval mode) into a GraphModule and attach ``inputs`` to it.
     ``source`` (the file) starts the message when a layer's name cannot be used.
+    Arguments of ``forward`` with a plain default (``attn_mask=None``, ``is_causal=False``) are
+    fixed at it and are no inputs, unless ``n_inputs`` (or ``inputs``) asks for that many.
 
     >>> gm = trace(nn.Sequential(nn.Linear(4, 2)), [InputSpec((1, 4))])
     """
@@ -40,12 +45,15 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
         _substitute_layers(module)
         was_training = module.training
         module.eval()
+        fixed = _fixed_defaults(module, len(inputs) if inputs is not None else n_inputs)
         try:
-            graph = _Tracer().trace(module)
+            graph = _Tracer().trace(module, concrete_args=fixed or None)
         except Exception as e:  # fx raises many types; all mean "cannot follow this model"
-            raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}") from e
+            raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}"
+                             f"{_model_line(e)}") from e
         finally:
             module.train(was_training)
+        _drop_fixed_placeholders(graph, fixed)
         _check_input_names(graph, source)
         name = type(module).__name__
         gm = fx.GraphModule(module, graph, class_name=name
@@ -82,6 +90,60 @@ def check_names(module: nn.Module, source: str | None = None) -> None:
                     "state_dict keys) and save the model again")
 
 
+# Defaults fx can specialise on: a placeholder plus an assert that the value is unchanged.
+_FIXABLE = (type(None), bool, int, float, str)
+_ASSERTS = (operator.eq, torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None))
+
+
+def _fixed_defaults(module: nn.Module, n_inputs: int | None) -> dict[str, object]:
+    """The arguments of ``module.forward`` to trace at their defaults: those with a plain
+    default beyond the first ``n_inputs`` (timm's ViT: ``forward(x, attn_mask=None)``)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: trace as fx would
+        return {}
+    fixed: dict[str, object] = {}
+    for i, p in enumerate(params):
+        kinds = (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if p.kind not in kinds or p.default is p.empty or type(p.default) not in _FIXABLE:
+            continue
+        if n_inputs is not None and i < n_inputs and p.kind is p.POSITIONAL_OR_KEYWORD:
+            continue
+        fixed[p.name] = p.default
+    return fixed
+
+
+def _drop_fixed_placeholders(graph: fx.Graph, fixed: dict[str, object]) -> None:
+    """Remove the placeholders fx made for ``fixed`` arguments, with the asserts that check
+    them: the traced code already holds the defaults, and the asserts call fx internals that a
+    stored description may not name."""
+    if not fixed:
+        return
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        base = str(node.target).rsplit("_", 1)[0]
+        if base not in fixed or str(node.target) in fixed:
+            continue
+        chain = _users_closure(node)
+        if any(n.op != "call_function" or n.target not in _ASSERTS for n in chain):
+            continue  # something besides the asserts reads it: keep it (it has a default)
+        for n in reversed(chain):
+            graph.erase_node(n)
+        graph.erase_node(node)
+
+
+def _users_closure(node: fx.Node) -> list[fx.Node]:
+    """Every node that depends on ``node``, in graph order."""
+    seen: dict[fx.Node, None] = {}
+    todo = list(node.users)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen[n] = None
+            todo.extend(n.users)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
 def _check_input_names(graph: fx.Graph, source: str | None) -> None:
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -96,13 +158,28 @@ def _substitute_layers(module: nn.Module) -> None:
     """Swap foreign layers we re-implement (e.g. StochasticDepth) for morphcli's own."""
     from morphcli.modules import SUBSTITUTES
 
+    _load_contrib(module)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             make = SUBSTITUTES.get(f"{type(child).__module__}.{type(child).__qualname__}")
-            if make is not None:
-                replacement = make(child)
+            replacement = make(child) if make is not None else None
+            if replacement is not None:
                 replacement.train(child.training)
                 setattr(parent, name, replacement)
+
+
+# Libraries whose layers morphcli supports through the public rule API, by top-level package.
+_CONTRIB = {"timm": "morphcli.contrib.timm"}
+
+
+def _load_contrib(module: nn.Module) -> None:
+    """Register a library's rules and substitutes when the model uses its layers (only then:
+    importing timm costs a second)."""
+    import importlib
+
+    packages = {type(m).__module__.split(".", 1)[0] for m in module.modules()}
+    for package in packages & _CONTRIB.keys():
+        importlib.import_module(_CONTRIB[package])
 
 
 def propagate_shapes(gm: fx.GraphModule) -> None:
@@ -146,6 +223,27 @@ class _ShapeProp(ShapeProp):
     def run_node(self, n: fx.Node) -> object:
         self.current = str(n.target) if n.op == "call_module" else n.name
         return super().run_node(n)
+
+
+def _model_line(e: BaseException) -> str:
+    """Where in the model's own code tracing stopped: the innermost frame outside torch and
+    morphcli (``, at timm/models/mobilevit.py:250: if new_h != H or new_w != W:``)."""
+    import os
+    import traceback
+
+    import morphcli
+
+    skip = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, morphcli))
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(skip) and not f.filename.startswith("<")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    path = f.filename.split(f"site-packages{os.sep}", 1)[-1]
+    source = f" ({(f.line or '').strip()[:120]})" if f.line else ""
+    hint = ("; the model branches on a traced value there (e.g. a size): rewrite that line "
+            "without Python control flow on tensors" if "control flow" in str(e) else "")
+    return f", at {path}:{f.lineno}{source}{hint}"
 
 
 def _first_line(e: BaseException) -> str:

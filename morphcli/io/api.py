@@ -188,13 +188,14 @@ def to_graph_module(
     require_inputs: bool = True,
 ) -> fx.GraphModule:
     """Trace what the checkpoint holds and attach input specs (given, stored or inferred)."""
+    n_inputs = len(input_shapes) if input_shapes else None  # defaulted arguments given shapes
     if ckpt.graph_module is not None:
         gm = ckpt.graph_module.eval()
         if arch:
             raise InputError(f"{ckpt.source}: --arch is only for state_dict files; this file "
                              "already describes its architecture")
     elif ckpt.module is not None:
-        gm = trace(ckpt.module, source=ckpt.source)
+        gm = trace(ckpt.module, source=ckpt.source, n_inputs=n_inputs)
     elif ckpt.state_dict is not None:
         if not arch:
             raise InputError(
@@ -205,7 +206,7 @@ def to_graph_module(
 
         module = build_arch(arch, arch_kwargs)
         _load_state_dict(module, ckpt.state_dict, ckpt.source, arch)
-        gm = trace(module, source=ckpt.source)
+        gm = trace(module, source=ckpt.source, n_inputs=n_inputs)
     else:  # pragma: no cover - read_checkpoint always fills one field
         raise InputError(f"{ckpt.source}: nothing to load")
     warn_if_not_finite(ckpt.source, [*gm.named_parameters(), *gm.named_buffers()])

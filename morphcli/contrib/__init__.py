@@ -1,0 +1,1 @@
+"""Support for other libraries' layers, written as clients of the public rule API."""
