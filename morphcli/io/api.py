@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.errors import InputError
-from morphcli.graph import budget
+from morphcli.graph import budget, dtypes
 from morphcli.graph.infer_inputs import resolve_inputs
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.graph.trace import propagate_shapes, trace
@@ -210,7 +210,8 @@ def to_graph_module(
     warn_if_not_finite(ckpt.source, [*gm.named_parameters(), *gm.named_buffers()])
     if input_shapes or not gm.meta.get(INPUTS_META):
         try:
-            gm.meta[INPUTS_META] = resolve_inputs(gm, gm.graph, input_shapes)
+            gm.meta[INPUTS_META] = dtypes.specs_in(resolve_inputs(gm, gm.graph, input_shapes),
+                                                   dtypes.model_dtype(gm))
         except InputError:
             if require_inputs:
                 raise
@@ -231,4 +232,6 @@ def _load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
                  for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("shape mismatches", wrong)) if keys]
         raise InputError(f"{source}: weights do not fit --arch {arch}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    # assign: the module takes the file's tensors as they are, in their own dtype (copying
+    # into the architecture's float32 parameters would upcast a bf16 checkpoint for good).
+    module.load_state_dict(state, strict=True, assign=True)

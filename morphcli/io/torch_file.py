@@ -6,6 +6,7 @@ only ``trust=True`` falls back to a full unpickle, which can run code from the f
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import json
@@ -116,10 +117,20 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
         for key in ("state_dict", "model_state_dict", "model"):
             inner = obj.get(key)
             if isinstance(inner, dict) and inner and _all_tensors(inner):
-                return dict(inner)
+                return _with_metadata(inner)
         if obj and _all_tensors(obj):
-            return dict(obj)
+            return _with_metadata(obj)
     return None
+
+
+def _with_metadata(state: dict) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` that keeps its ``_metadata`` (the module versions torch's
+    ``load_state_dict`` passes to each layer: mnasnet refuses to load without them)."""
+    out: dict[str, torch.Tensor] = collections.OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    if isinstance(metadata, dict):
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def _all_tensors(d: dict) -> bool:
