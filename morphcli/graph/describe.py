@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.errors import InputError
-from morphcli.graph import allowlist, names
+from morphcli.graph import allowlist, carried, names
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 
 FORMAT = "morphcli.architecture"
@@ -68,6 +68,8 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
         elif node.op == "get_attr":
             attrs[node.target] = _attr_kind(gm, node.target)
         nodes.append(_describe_node(node))
+    for path, m in carried.carried(gm).items():  # layers the graph does not use: kept as well
+        modules.setdefault(path, _describe_module(path, m))
     specs = gm.meta.get(INPUTS_META)
     return {
         "format": FORMAT,
@@ -83,6 +85,7 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
 def state_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the description needs: the state_dict plus plain tensor constants."""
     tensors = dict(gm.state_dict())
+    tensors.update(carried.carried_state(gm))
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in tensors:
             value = _get_path(gm, node.target)
@@ -327,6 +330,10 @@ def _rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, class_name=name if names.identifier_problem(name) is None
                         else "Model")
     gm.eval()
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    unused = {p: root.get_submodule(p) for p in desc["modules"] if p not in called}
+    if unused:
+        gm.meta[carried.CARRIED_META] = unused
     if desc.get("inputs"):
         gm.meta[INPUTS_META] = tuple(InputSpec.from_json(s) for s in desc["inputs"])
     return gm

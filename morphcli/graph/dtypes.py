@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +46,12 @@ def needs_upcast(dtype: torch.dtype | None) -> bool:
 
 
 def upcast(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A copy of ``module`` in ``dtype`` (the original is left as it is)."""
-    return copy.deepcopy(module).to(dtype)
+    """A copy of ``module`` in ``dtype`` (the original is left as it is); layers the graph
+    does not use (graph.carried) are shared, not copied: they never run."""
+    from morphcli.graph.carried import carried
+
+    memo: dict[int, Any] = {id(m): m for m in carried(module).values()}
+    return copy.deepcopy(module, memo).to(dtype)
 
 
 def cast_inputs(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:

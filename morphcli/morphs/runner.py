@@ -22,7 +22,7 @@ from morphcli.equivalence.report import (
 )
 from morphcli.equivalence.sizing import reduced
 from morphcli.errors import InputError
-from morphcli.graph import budget, dtypes
+from morphcli.graph import budget, carried, dtypes
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.io.checkpoint import Runner, torch_runner
 from morphcli.morphs.result import MorphResult
@@ -49,6 +49,9 @@ def apply_morph(
     """Run ``morph`` on ``gm`` (left unchanged) and, unless disabled, check the result against
     it. The verdict is in ``result.check``; deciding what to do about it is the caller's."""
     new, result = morph(gm, options)
+    kept = carried.note(new)
+    if kept:
+        result.notes.append(kept)
     if check.enabled:
         result.check, note = check_morph(gm, new, check)
         if note:
