@@ -183,7 +183,8 @@ def _describe_node(node: fx.Node) -> dict[str, Any]:
     where = f"node {node.name!r}"
     d: dict[str, Any] = {"op": node.op, "name": node.name}
     if node.op == "call_function":
-        name = allowlist.function_names().get(id(node.target))
+        name = allowlist.function_names().get(id(node.target)) or allowlist.library_name(
+            node.target)
         if name is None:
             fn = getattr(node.target, "__qualname__", repr(node.target))
             raise DescribeError(
@@ -438,13 +439,14 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
             _require_module(root, target, name)
             node = graph.call_module(_checked_path(target), args, kwargs)
         elif op == "call_function":
-            if target not in functions:
+            fn = functions.get(target) or allowlist.library_function(target)
+            if fn is None:
                 raise InputError(f"node {name!r} calls {target!r}, which is not allowlisted")
             if target == "builtins.getattr" and (
                 len(args) != 2 or args[1] not in allowlist.SAFE_ATTRS
             ):
                 raise InputError(f"node {name!r} reads an attribute that is not allowlisted")
-            node = graph.call_function(functions[target], args, kwargs)
+            node = graph.call_function(fn, args, kwargs)
         elif op == "call_method":
             if target not in methods or names.identifier_problem(target):
                 raise InputError(f"node {name!r} calls method {target!r}, which is not allowlisted")
