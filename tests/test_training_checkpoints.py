@@ -56,6 +56,29 @@ def test_mnasnet_state_dict_keeps_its_versions(tmp_path: Path) -> None:
     assert _max_rel(_outputs(original, X64), _outputs(grown, X64)) <= 1e-5
 
 
+def test_mnasnet_training_checkpoint_loads_into_torchvision(tmp_path: Path) -> None:
+    """The model entry written back keeps _metadata: torchvision's own load_state_dict of
+    mnasnet takes it as it is (without the versions it raises)."""
+    import torchvision
+
+    original = torchvision_model("mnasnet0_5")
+    src = tmp_path / "train.pt"
+    torch.save({"model": original.state_dict(), "epoch": 4}, src)
+    out = tmp_path / "wide.pt"
+    code, _, stderr = invoke("widen", src, "layers.6", "--by", "8", "--arch",
+                             "torchvision.models:mnasnet0_5", "--input-shape", "1,3,64,64",
+                             "-o", out)
+    assert code == 0, stderr
+    written = torch.load(out, weights_only=True)
+    assert written["epoch"] == 4
+    grown = torchvision.models.mnasnet0_5(weights=None)
+    grown.layers[6] = nn.Conv2d(16, 16, 1, bias=False)
+    grown.layers[7] = nn.BatchNorm2d(16)
+    grown.layers[8][0].layers[0] = nn.Conv2d(16, 24, 1, bias=False)
+    grown.load_state_dict(written["model"], strict=True)
+    assert _max_rel(_outputs(original, X64), _outputs(grown, X64)) <= 1e-5
+
+
 def test_googlenet_aux_heads_are_carried(tmp_path: Path) -> None:
     import torchvision
     from safetensors.torch import load_file

@@ -15,6 +15,7 @@ joining the group of the parameter before them.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 from collections.abc import Iterator, Mapping
@@ -28,8 +29,6 @@ from morphcli.errors import InputError
 
 TRAINING_META = "morphcli.training"
 ARCH_ENTRY = "morphcli_architecture"
-# Entries that hold the model state, in the order tried when none is named.
-_MODEL_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 @dataclass
@@ -45,6 +44,7 @@ class TrainingCheckpoint:
     param_order: list[str] = field(default_factory=list)
     original: dict[str, torch.Tensor] = field(default_factory=dict)  # model state, unprefixed
     notes: list[str] = field(default_factory=list)
+    metadata: Any = None  # the model state's _metadata (module versions), written back
 
     def entry_names(self) -> list[str]:
         return [k for k in self.entries if k not in (self.key, ARCH_ENTRY)]
@@ -83,17 +83,15 @@ def select(training: TrainingCheckpoint, key: str | None, source: str) -> dict[s
     elif len(found) == 1:
         key = found[0]
     else:
-        preferred = [k for k in _MODEL_KEYS if k in found]
-        if len(preferred) != 1 or len(found) > 1 and preferred[0] != "state_dict":
-            raise InputError(f"{source}: several entries hold a model state ({', '.join(found)});"
-                             f" pass --key NAME to say which to morph, e.g. --key {found[0]}")
-        key = preferred[0]
+        raise InputError(f"{source}: several entries hold a model state ({', '.join(found)}); "
+                         f"pass --key NAME to say which to morph, e.g. --key {found[0]}")
     training.key = key
     state = training.entries[key]
     metadata = getattr(state, "_metadata", None)
     out = type(state)(state) if isinstance(state, dict) else dict(state)
     if metadata is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
+        training.metadata = metadata
     return out
 
 
@@ -309,8 +307,11 @@ def payload(gm: fx.GraphModule, description: dict[str, Any],
     training = of(gm)
     assert training is not None
     entries = dict(training.entries)
-    state = {training.prefix + k: v for k, v in tensors.items()}
+    state: dict[str, Any] = collections.OrderedDict(
+        (training.prefix + k, v) for k, v in tensors.items())
     state.update(training.others)
+    if isinstance(training.metadata, dict):  # module versions, for the user's load_state_dict
+        state._metadata = training.metadata  # type: ignore[attr-defined]
     entries[training.key] = state
     entries[ARCH_ENTRY] = {"architecture": json.dumps(description, sort_keys=True),
                            "key": training.key, "prefix": training.prefix}
