@@ -27,6 +27,7 @@ from torch import nn
 from morphcli.equivalence.compare import compare
 from morphcli.equivalence.report import CheckReport
 from morphcli.errors import InputError, NonFiniteWeightsWarning, NotEquivalentError, StreamError
+from morphcli.graph import dtypes
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.io.api import STDIO, open_runner, to_graph_module
 from morphcli.io.atomic import atomic_path, check_output_path, os_reason
@@ -165,9 +166,13 @@ def _run_check(gm: fx.GraphModule, runner: Any, suffix: str) -> CheckReport:
     specs = gm.meta.get(INPUTS_META)
     if not specs:
         raise InputError("the model has no input shape; pass --input-shape")
+    # Run in the model's own dtype (its inputs too): a half-precision file gets a bound that
+    # fits its precision, since the runtime may round in another order than torch.
+    rtol = max(VERIFY_RTOL.get(suffix, DEFAULT_VERIFY_RTOL),
+               dtypes.VERIFY_RTOL.get(dtypes.model_dtype(gm), 0.0))  # type: ignore[arg-type]
     report = compare(torch_runner(gm), runner, specs, samples=VERIFY_SAMPLES,
-                     batch_size=VERIFY_BATCH, seed=0, atol=VERIFY_ATOL,
-                     rtol=VERIFY_RTOL.get(suffix, DEFAULT_VERIFY_RTOL))
+                     batch_size=VERIFY_BATCH, seed=0, atol=VERIFY_ATOL, rtol=rtol)
+    report.dtype = dtypes.name(dtypes.model_dtype(gm))
     if not report.equivalent:
         raise NotEquivalentError(f"the written {suffix} file does not reproduce the model "
                                  f"({report.summary()}); nothing was written")

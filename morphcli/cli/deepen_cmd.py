@@ -56,6 +56,8 @@ def deepen(
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
     trust: o.Trust = False,
+    key: o.Key = None,
+    drop_optimizer_state: o.DropOptimizerState = False,
     input_shape: o.InputShape = None,
     seed: o.Seed = 0,
     samples: o.Samples = DEFAULT_SAMPLES,
@@ -96,10 +98,11 @@ def deepen(
         options = DeepenOptions(after, init, kernel, norm, activation, residual, noise, seed)
         mc.run_morph_command(
             kind="deepen", model=model, morph=deepen_graph, options=options,
-            loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape), output=output,
+            loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape, key), output=output,
             check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol,
                                    full_size),
-            force=force, dry_run=dry_run, as_json=as_json, quiet=quiet)
+            force=force, dry_run=dry_run, as_json=as_json, quiet=quiet,
+            drop_optimizer_state=drop_optimizer_state)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,11 +14,12 @@ class LoadOptions:
     arch_kwargs: str | None = None
     trust: bool = False
     input_shape: tuple[str, ...] = ()
+    key: str | None = None  # the model entry of a training checkpoint
 
     @staticmethod
     def of(arch: str | None, arch_kwargs: str | None, trust: bool,
-           input_shape: list[str] | None) -> LoadOptions:
-        return LoadOptions(arch, arch_kwargs, trust, tuple(input_shape or ()))
+           input_shape: list[str] | None, key: str | None = None) -> LoadOptions:
+        return LoadOptions(arch, arch_kwargs, trust, tuple(input_shape or ()), key)
 
     def kwargs(self) -> dict[str, Any]:
         from morphcli.io.arch import parse_kwargs
@@ -35,4 +36,4 @@ class LoadOptions:
             require_stdin()
         from morphcli.io.api import load
 
-        return load(source, **self.kwargs())
+        return load(source, **self.kwargs(), key=self.key)

@@ -42,6 +42,7 @@ def run_morph_command(
     dry_run: bool,
     as_json: bool,
     quiet: bool,
+    drop_optimizer_state: bool = False,
 ) -> None:
     """Shared body of ``deepen``, ``widen`` and ``swap`` (call inside ``handled``)."""
     from dataclasses import replace
@@ -69,6 +70,13 @@ def run_morph_command(
     what = f"{kind} and check on {check.samples} samples" if check.enabled else kind
     with step(what, quiet=quiet, total=check.samples if check.enabled else None) as update:
         new, result = apply_morph(morph, gm, options, replace(check, progress=update))
+    from morphcli.io import training
+
+    if Path(dest).suffix.lower() in training.KEEPS_ENTRIES:  # checkpoint entries written back
+        result.notes += training.follow_morph(new, drop_optimizer_state=drop_optimizer_state,
+                                              source=model)
+    elif training.of(new) is not None:
+        result.notes.append(training.unkept_note(new, Path(dest).suffix))
     doc: dict[str, Any] = {"plan": result.to_json(), "output": None}
     if dry_run:
         _report(result, quiet or as_json, plan_only=True)
@@ -131,7 +139,8 @@ def default_output(model: str, kind: str) -> str:
         return "-"
     src = Path(model)
     stem = src.name[: -len(src.suffix)] if src.suffix else src.name
-    suffix = src.suffix if src.suffix in (".pt", ".pth", ".safetensors", ".pt2") else ".pt"
+    suffix = src.suffix if src.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".pt2") \
+        else ".pt"
     candidate = src.with_name(f"{stem}.{kind}{suffix}")
     i = 2
     while candidate.exists():

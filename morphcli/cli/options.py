@@ -29,6 +29,24 @@ ArchKwargs = Annotated[
         rich_help_panel="Loading",
     ),
 ]
+Key = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="The entry of a training checkpoint that holds the model state, when several "
+        "do (e.g. model and ema). The other entries (optimizer, epoch, ...) are written back.",
+        rich_help_panel="Loading",
+    ),
+]
+DropOptimizerState = Annotated[
+    bool,
+    typer.Option(
+        "--drop-optimizer-state",
+        help="In a training checkpoint, drop the optimizer state of the parameters the morph "
+        "changes (it cannot follow a morph yet); param_groups and other entries are kept.",
+        rich_help_panel="Loading",
+    ),
+]
 Trust = Annotated[
     bool,
     typer.Option(

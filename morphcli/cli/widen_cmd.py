@@ -66,6 +66,8 @@ def widen(
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
     trust: o.Trust = False,
+    key: o.Key = None,
+    drop_optimizer_state: o.DropOptimizerState = False,
     input_shape: o.InputShape = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
@@ -94,10 +96,11 @@ def widen(
         mc.run_morph_command(
             kind="widen", model=model, morph=widen_graph,
             options=WidenOptions(layer, to, by, factor, init, noise, kernel, seed),
-            loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape), output=output,
+            loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape, key), output=output,
             check=mc.check_options(no_check, samples, batch_size, seed, atol, rtol,
                                    full_size),
-            force=force, dry_run=dry_run, as_json=as_json, quiet=quiet)
+            force=force, dry_run=dry_run, as_json=as_json, quiet=quiet,
+            drop_optimizer_state=drop_optimizer_state)
 
 
 def register(app: typer.Typer) -> None:

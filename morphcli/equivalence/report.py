@@ -55,6 +55,7 @@ class CheckReport:
     # tensors were compared, not the containers, keys and plain values around them.
     structure_compared: bool = True
     notes: list[str] = field(default_factory=list)
+    dtype: str = "float32"  # the dtype both models ran in (a bf16 model is checked in float32)
 
     def to_json(self) -> dict[str, Any]:
         return _finite(asdict(self))

@@ -89,8 +89,14 @@ def _recorded(gm: fx.GraphModule) -> dict[fx.Node, Any] | None:
 
 
 def _has_functional_windows(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and getattr(n.target, "__name__", "") in _FUNCTIONAL_WINDOWS
-               for n in gm.graph.nodes)
+    """Windows this module cannot inspect: functional convolutions and pooling, and library
+    functions called by reference (Swin's window attention, whose windows and relative position
+    bias a shrunken map would hardly use)."""
+    from morphcli.graph.allowlist import library_name
+
+    return any(n.op == "call_function" and (
+        getattr(n.target, "__name__", "") in _FUNCTIONAL_WINDOWS or library_name(n.target))
+        for n in gm.graph.nodes)
 
 
 def _exercised(gm: fx.GraphModule, full: dict[fx.Node, Any], small_specs: tuple[InputSpec, ...],

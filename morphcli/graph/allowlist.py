@@ -95,6 +95,36 @@ def factory_problem(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str | Non
     return None
 
 
+# Functions that libraries wrap as fx leaves (``torch.fx.wrap``: their shape arithmetic
+# cannot be traced), so a traced graph calls them by reference. Each is pure tensor maths;
+# stored by this exact name and imported only when a description names one.
+LIBRARY_FUNCTIONS = frozenset({
+    "torchvision.models.swin_transformer._get_relative_position_bias",
+    "torchvision.models.swin_transformer._patch_merging_pad",
+    "torchvision.models.swin_transformer.shifted_window_attention",
+})
+
+
+def library_function(name: Any) -> Callable[..., Any] | None:
+    """The allowlisted library function stored as ``name`` (None: not one, or not installed)."""
+    if not isinstance(name, str) or name not in LIBRARY_FUNCTIONS:
+        return None
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+    return fn if callable(fn) else None
+
+
+def library_name(fn: Any) -> str | None:
+    """The stored name of ``fn`` if it is an allowlisted library function."""
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
+    return name if name in LIBRARY_FUNCTIONS and library_function(name) is fn else None
+
+
 @functools.cache
 def function_names() -> dict[int, str]:
     return {id(fn): name for name, fn in functions().items()}

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.errors import InputError
-from morphcli.graph import allowlist, names
+from morphcli.graph import allowlist, carried, names
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 
 FORMAT = "morphcli.architecture"
@@ -68,6 +68,8 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
         elif node.op == "get_attr":
             attrs[node.target] = _attr_kind(gm, node.target)
         nodes.append(_describe_node(node))
+    for path, m in carried.carried(gm).items():  # layers the graph does not use: kept as well
+        modules.setdefault(path, _describe_module(path, m))
     specs = gm.meta.get(INPUTS_META)
     return {
         "format": FORMAT,
@@ -83,6 +85,7 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
 def state_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the description needs: the state_dict plus plain tensor constants."""
     tensors = dict(gm.state_dict())
+    tensors.update(carried.carried_state(gm))
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in tensors:
             value = _get_path(gm, node.target)
@@ -180,7 +183,8 @@ def _describe_node(node: fx.Node) -> dict[str, Any]:
     where = f"node {node.name!r}"
     d: dict[str, Any] = {"op": node.op, "name": node.name}
     if node.op == "call_function":
-        name = allowlist.function_names().get(id(node.target))
+        name = allowlist.function_names().get(id(node.target)) or allowlist.library_name(
+            node.target)
         if name is None:
             fn = getattr(node.target, "__qualname__", repr(node.target))
             raise DescribeError(
@@ -330,6 +334,10 @@ def _rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, class_name=name if names.identifier_problem(name) is None
                         else "Model")
     gm.eval()
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    unused = {p: root.get_submodule(p) for p in desc["modules"] if p not in called}
+    if unused:
+        gm.meta[carried.CARRIED_META] = unused
     if desc.get("inputs"):
         gm.meta[INPUTS_META] = tuple(InputSpec.from_json(s) for s in desc["inputs"])
     return gm
@@ -434,16 +442,17 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
             _require_module(root, target, name)
             node = graph.call_module(_checked_path(target), args, kwargs)
         elif op == "call_function":
-            if target not in functions:
+            fn = functions.get(target) or allowlist.library_function(target)
+            if fn is None:
                 raise InputError(f"node {name!r} calls {target!r}, which is not allowlisted")
             if target == "builtins.getattr" and (
                 len(args) != 2 or args[1] not in allowlist.SAFE_ATTRS
             ):
                 raise InputError(f"node {name!r} reads an attribute that is not allowlisted")
-            problem = allowlist.factory_problem(functions[target], kwargs)
+            problem = allowlist.factory_problem(fn, kwargs)
             if problem:
                 raise InputError(f"node {name!r} calls {problem}, which is not allowlisted")
-            node = graph.call_function(functions[target], args, kwargs)
+            node = graph.call_function(fn, args, kwargs)
         elif op == "call_method":
             if target not in methods or names.identifier_problem(target):
                 raise InputError(f"node {name!r} calls method {target!r}, which is not allowlisted")

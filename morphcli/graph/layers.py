@@ -62,6 +62,13 @@ def find_layer(gm: fx.GraphModule, name: str) -> list[Layer]:
     sites = [la for la in all_layers if la.module is not None and la.node.target == name]
     if sites:
         return sites
+    from morphcli.graph.carried import carried
+
+    if name in carried(gm):
+        raise LayerNotFoundError(
+            f"layer {name!r} is not used by the traced graph (in eval mode, as an auxiliary "
+            "head is not), so no morph of it can be checked; it is carried into the output "
+            "unchanged")
     names = sorted({la.node.target if la.module is not None else la.name for la in all_layers})
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     if not close:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from morphcli.errors import InputError, TraceError
-from morphcli.graph import names
+from morphcli.graph import carried, names
 from morphcli.graph.inputs import INPUTS_META, InputSpec, example_inputs
 from morphcli.graph.shapes import Snapshot, infer, refresh
 from morphcli.rules import registry
@@ -58,6 +58,7 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
         name = type(module).__name__
         gm = fx.GraphModule(module, graph, class_name=name
                             if names.identifier_problem(name) is None else "Model")
+        carried.attach(module, gm, _Tracer().is_leaf_module)
     gm.eval()
     if inputs is not None:
         gm.meta[INPUTS_META] = tuple(inputs)

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from morphcli.errors import InputError
-from morphcli.graph import budget
+from morphcli.graph import budget, dtypes
 from morphcli.graph.infer_inputs import resolve_inputs
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.graph.trace import propagate_shapes, trace
@@ -37,6 +37,7 @@ def load(
     trust: bool = False,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     stdin: BinaryIO | None = None,
+    key: str | None = None,
 ) -> fx.GraphModule:
     """Load a model from any supported file (or ``"-"`` for stdin) as a traced GraphModule.
 
@@ -51,7 +52,8 @@ def load(
             "layers cannot be recovered for morphing or conversion; use the .pt, .safetensors "
             "or .pt2 file it was exported from"
         )
-    return to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes)
+    return to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes,
+                           key=key)
 
 
 def open_runner(
@@ -134,7 +136,7 @@ def read_checkpoint(
     try:
         return fmt.read(name, path if raw is None else raw, trust)
     except InputError as e:
-        also_pt = actual == ".pt" and fmt.suffix in (".pt2", ".pth")
+        also_pt = actual == ".pt" and fmt.suffix in (".pt2", ".pth", ".ckpt")
         if actual and actual != fmt.suffix and not also_pt:
             raise InputError(f"{e} (the content looks like a {actual} file: wrong suffix?)") from e
         raise
@@ -186,8 +188,13 @@ def to_graph_module(
     arch_kwargs: dict[str, Any] | None = None,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     require_inputs: bool = True,
+    key: str | None = None,
 ) -> fx.GraphModule:
-    """Trace what the checkpoint holds and attach input specs (given, stored or inferred)."""
+    """Trace what the checkpoint holds and attach input specs (given, stored or inferred);
+    ``key`` names the entry of a training checkpoint that holds the model state."""
+    if key is not None and ckpt.training is None:
+        raise InputError(f"{ckpt.source}: --key names the model entry of a training checkpoint "
+                         f"(a dict with optimizer, epoch, ...); this file is a {ckpt.kind}")
     n_inputs = len(input_shapes) if input_shapes else None  # defaulted arguments given shapes
     if ckpt.graph_module is not None:
         gm = ckpt.graph_module.eval()
@@ -196,6 +203,8 @@ def to_graph_module(
                              "already describes its architecture")
     elif ckpt.module is not None:
         gm = trace(ckpt.module, source=ckpt.source, n_inputs=n_inputs)
+    elif ckpt.training is not None:
+        gm = _from_training(ckpt, arch, arch_kwargs, key, n_inputs)
     elif ckpt.state_dict is not None:
         if not arch:
             raise InputError(
@@ -212,12 +221,50 @@ def to_graph_module(
     warn_if_not_finite(ckpt.source, [*gm.named_parameters(), *gm.named_buffers()])
     if input_shapes or not gm.meta.get(INPUTS_META):
         try:
-            gm.meta[INPUTS_META] = resolve_inputs(gm, gm.graph, input_shapes)
+            gm.meta[INPUTS_META] = dtypes.specs_in(resolve_inputs(gm, gm.graph, input_shapes),
+                                                   dtypes.model_dtype(gm))
         except InputError:
             if require_inputs:
                 raise
             return gm
     propagate_shapes(gm)
+    return gm
+
+
+def _from_training(ckpt: Checkpoint, arch: str | None, arch_kwargs: dict[str, Any] | None,
+                   key: str | None, n_inputs: int | None) -> fx.GraphModule:
+    """The model of a training checkpoint: rebuilt from the architecture morph stored in it,
+    or built with --arch; the checkpoint's other entries ride along in ``gm.meta``."""
+    from morphcli.io import training as tr
+
+    t = ckpt.training
+    stored = None if arch else tr.stored_architecture(t.entries)
+    if stored is not None:
+        from morphcli.graph.describe import parse_description, rebuild
+
+        text, stored_key, prefix = stored
+        state = tr.select(t, key or stored_key, ckpt.source)
+        t.prefix = prefix
+        t.others = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        desc = parse_description(text, ckpt.source, "training checkpoint (its architecture)")
+        gm = rebuild(desc, inner, ckpt.source)
+        tr.attach(gm, t, [n for n, _ in gm.named_parameters()])
+        return gm
+    state = tr.select(t, key, ckpt.source)
+    if not arch:
+        raise InputError(
+            f"{ckpt.source}: a training checkpoint whose entry {t.key!r} holds only weights; "
+            "pass --arch MODULE:CALLABLE naming the architecture, e.g. "
+            "--arch torchvision.models:resnet18")
+    from morphcli.io.arch import build_arch
+
+    module = build_arch(arch, arch_kwargs)
+    state = tr.split_prefix(t, state, set(module.state_dict()))
+    _load_state_dict(module, state, f"{ckpt.source} (entry {t.key!r})", arch)
+    order = [n for n, _ in module.named_parameters()]  # what the optimizer's ids count
+    gm = trace(module, source=ckpt.source, n_inputs=n_inputs)
+    tr.attach(gm, t, order)
     return gm
 
 
@@ -233,4 +280,6 @@ def _load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
                  for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("shape mismatches", wrong)) if keys]
         raise InputError(f"{source}: weights do not fit --arch {arch}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    # assign: the module takes the file's tensors as they are, in their own dtype (copying
+    # into the architecture's float32 parameters would upcast a bf16 checkpoint for good).
+    module.load_state_dict(state, strict=True, assign=True)

@@ -33,7 +33,7 @@ class FlatOutputs:
 
 @dataclass
 class Checkpoint:
-    """Exactly one of the four payload fields is set."""
+    """Exactly one of the five payload fields is set."""
 
     source: str
     graph_module: fx.GraphModule | None = None
@@ -42,6 +42,8 @@ class Checkpoint:
     runner: Runner | None = None
     inputs: tuple[InputSpec, ...] | None = None
     kind: str = ""  # a word for messages: "morphcli archive", "pickled model", ...
+    # A training checkpoint (io.training.TrainingCheckpoint): the model state is one entry.
+    training: Any = None
 
 
 def torch_runner(module: nn.Module) -> Runner:

@@ -160,7 +160,11 @@ def write_onnx(gm: fx.GraphModule, dest: Path) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        raise ExportError(f"the exported ONNX model fails onnx.checker: {_reason(e)}") from e
+        hint = ""
+        if "bfloat16" in str(e):
+            hint = ("; ONNX lacks bfloat16 for this operator: write .pt, .safetensors or .pt2 "
+                    "(which keep bfloat16), or convert the model to float16 or float32 first")
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {_reason(e)}{hint}") from e
     onnx.save_model(proto, str(dest))
 
 

@@ -76,6 +76,8 @@ FORMATS: dict[str, Format] = {
     ".pt": Format(".pt", "morphcli archive (torch.load(weights_only=True) opens it)",
                   _read_torch, _write_archive),
     ".pth": Format(".pth", "same as .pt", _read_torch, _write_archive),
+    ".ckpt": Format(".ckpt", "training checkpoint (PyTorch Lightning's too), written back as one",
+                    _read_torch, _write_archive),
     ".safetensors": Format(".safetensors", "weights + architecture in the metadata",
                            _read_safetensors, _write_safetensors),
     ".pt2": Format(".pt2", "torch.export program with a dynamic batch", _read_pt2, _write_pt2),

@@ -6,6 +6,7 @@ only ``trust=True`` falls back to a full unpickle, which can run code from the f
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import json
@@ -46,6 +47,11 @@ def read_torch(source: str, data: BinaryIO | Path, trust: bool) -> Checkpoint:
         return Checkpoint(source, module=obj, kind="pickled GraphModule")
     if isinstance(obj, nn.Module):
         return Checkpoint(source, module=obj, kind="pickled model")
+    from morphcli.io.training import recognise
+
+    training = recognise(obj)
+    if training is not None:
+        return Checkpoint(source, training=training, kind="training checkpoint")
     state = _state_dict_in(obj)
     if state is not None:
         return Checkpoint(source, state_dict=state, kind="state_dict")
@@ -55,12 +61,17 @@ def read_torch(source: str, data: BinaryIO | Path, trust: bool) -> Checkpoint:
 
 
 def write_archive(gm: fx.GraphModule, dest: BinaryIO | Path) -> None:
-    """A torch.save zip of plain data: the JSON description and the tensors (no pickled code)."""
-    payload = {
+    """A torch.save zip of plain data: the JSON description and the tensors (no pickled code);
+    a training checkpoint's own dict when the model came from one (``io.training``)."""
+    from morphcli.io import training
+
+    payload: dict[str, Any] = {
         "format": ARCHIVE_FORMAT,
         "architecture": json.dumps(describe(gm), sort_keys=True),
         "tensors": state_tensors(gm),
     }
+    if training.of(gm) is not None:  # written back as the same kind of dict, entries kept
+        payload = training.payload(gm, describe(gm), state_tensors(gm))
     if isinstance(dest, Path):
         # Through a file object, the zip's root folder is always "archive", not the (temporary)
         # file's name, so the same model gives byte-identical files.
@@ -116,10 +127,20 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
         for key in ("state_dict", "model_state_dict", "model"):
             inner = obj.get(key)
             if isinstance(inner, dict) and inner and _all_tensors(inner):
-                return dict(inner)
+                return _with_metadata(inner)
         if obj and _all_tensors(obj):
-            return dict(obj)
+            return _with_metadata(obj)
     return None
+
+
+def _with_metadata(state: dict) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` that keeps its ``_metadata`` (the module versions torch's
+    ``load_state_dict`` passes to each layer: mnasnet refuses to load without them)."""
+    out: dict[str, torch.Tensor] = collections.OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    if isinstance(metadata, dict):
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def _all_tensors(d: dict) -> bool:

@@ -22,7 +22,7 @@ from morphcli.equivalence.report import (
 )
 from morphcli.equivalence.sizing import reduced
 from morphcli.errors import InputError
-from morphcli.graph import budget
+from morphcli.graph import budget, carried, dtypes
 from morphcli.graph.inputs import INPUTS_META, InputSpec
 from morphcli.io.checkpoint import Runner, torch_runner
 from morphcli.morphs import limits
@@ -53,6 +53,9 @@ def apply_morph(
     """Run ``morph`` on ``gm`` (left unchanged) and, unless disabled, check the result against
     it. The verdict is in ``result.check``; deciding what to do about it is the caller's."""
     new, result = morph(gm, options)
+    kept = carried.note(new)
+    if kept:
+        result.notes.append(kept)
     if check.enabled:
         result.check, note = check_morph(gm, new, check)
         if note:
@@ -75,10 +78,28 @@ def check_morph(gm: fx.GraphModule, new: fx.GraphModule,
                 "stored size)")
     budget.check_run([gm, new], small or specs, samples=check.samples,
                      batch_size=check.batch_size)  # refused over a cap before anything runs
-    report = compare(torch_runner(gm), torch_runner(new), small or specs,
+    run_a, run_b, in_dtype = _check_runners(gm, new)
+    report = compare(run_a, run_b, small or specs,
                      samples=check.samples, batch_size=check.batch_size, seed=check.seed,
                      atol=check.atol, rtol=check.rtol, progress=check.progress)
+    report.dtype = dtypes.name(in_dtype)
+    own = dtypes.model_dtype(gm)
+    if dtypes.needs_upcast(own):
+        report.notes.append(f"checked in {report.dtype}: the {dtypes.name(own)} weights and "
+                            f"inputs upcast exactly; the output is written in {dtypes.name(own)}")
     return report, note
+
+
+def _check_runners(gm: fx.GraphModule, new: fx.GraphModule) -> tuple[Runner, Runner, Any]:
+    """Runners for the check and the dtype they run in: a half-precision model is checked
+    through float32 copies of both models (its inputs upcast alike), any other as it is."""
+    own = dtypes.model_dtype(gm)
+    if not dtypes.needs_upcast(own):
+        return torch_runner(gm), torch_runner(new), dtypes.check_dtype(own)
+    wide = dtypes.check_dtype(own)
+    a, b = torch_runner(dtypes.upcast(gm, wide)), torch_runner(dtypes.upcast(new, wide))
+    return (lambda xs: a(dtypes.cast_inputs(xs, wide)),
+            lambda xs: b(dtypes.cast_inputs(xs, wide)), wide)
 
 
 def check_in_float64(gm: fx.GraphModule, new: fx.GraphModule,
@@ -92,9 +113,11 @@ def check_in_float64(gm: fx.GraphModule, new: fx.GraphModule,
         budget.check_run([gm, new], small or specs, samples=check.samples,
                          batch_size=check.batch_size, scale=2)
         a, b = copy.deepcopy(gm).double(), copy.deepcopy(new).double()
-        return compare(_in_float64(a), _in_float64(b), small or specs, samples=check.samples,
-                       batch_size=check.batch_size, seed=check.seed, atol=check.atol,
-                       rtol=check.rtol)
+        report = compare(_in_float64(a), _in_float64(b), small or specs,
+                         samples=check.samples, batch_size=check.batch_size, seed=check.seed,
+                         atol=check.atol, rtol=check.rtol)
+        report.dtype = "float64"
+        return report
     except Exception:  # a layer without float64 kernels: the float32 verdict stands alone
         return None
 

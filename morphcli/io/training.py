@@ -1,0 +1,345 @@
+"""Training checkpoints: a dict holding a model state beside other entries (optimizer,
+scheduler, scaler, epoch, step, user data), PyTorch Lightning's ``.ckpt`` included.
+
+Such a file is read as its model state (``--key`` names the entry when several hold one;
+Lightning's ``state_dict`` with its ``model.`` prefix is found too) and written back as the same
+kind of dict: the model state morphed, every other entry kept, and an entry
+``morphcli_architecture`` (plain JSON) so that morph can read the result without ``--arch``.
+
+Optimizer state cannot follow a morph yet (it needs the resize plan of issue 12): per-parameter
+state of a parameter the morph changes is refused, or dropped with ``--drop-optimizer-state``
+(``param_groups`` kept). Unchanged parameters keep their state; parameter ids are renumbered
+to the morphed model's parameter order (``morphcli.load(OUTPUT).parameters()``), new parameters
+joining the group of the parameter before them.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from morphcli.errors import InputError
+
+TRAINING_META = "morphcli.training"
+ARCH_ENTRY = "morphcli_architecture"
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What of a training checkpoint is not the model: the whole dict as read, which entry
+    holds the model state and under which key prefix, and the parameter order that the
+    optimizer's ids count in."""
+
+    entries: dict[str, Any]
+    key: str = ""
+    prefix: str = ""  # "model." for Lightning: the state keys are prefix + parameter name
+    others: dict[str, torch.Tensor] = field(default_factory=dict)  # state keys outside prefix
+    param_order: list[str] = field(default_factory=list)
+    original: dict[str, torch.Tensor] = field(default_factory=dict)  # model state, unprefixed
+    notes: list[str] = field(default_factory=list)
+    metadata: Any = None  # the model state's _metadata (module versions), written back
+
+    def entry_names(self) -> list[str]:
+        return [k for k in self.entries if k not in (self.key, ARCH_ENTRY)]
+
+
+def _is_state(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def candidates(obj: dict) -> list[str]:
+    """The entries of ``obj`` that hold a model state (a dict of named tensors)."""
+    return [k for k, v in obj.items() if isinstance(k, str) and _is_state(v)]
+
+
+def recognise(obj: Any) -> TrainingCheckpoint | None:
+    """A TrainingCheckpoint when ``obj`` is a dict with a model state and other entries."""
+    if not isinstance(obj, dict) or _is_state(obj) or not candidates(obj):
+        return None
+    if len(obj) == 1:  # {"state_dict": sd} alone: a plain state_dict, as before
+        return None
+    return TrainingCheckpoint(entries=obj)
+
+
+def select(training: TrainingCheckpoint, key: str | None, source: str) -> dict[str, Any]:
+    """The model state of the checkpoint (``key`` names its entry); sets ``training.key``."""
+    found = candidates(training.entries)
+    if key is not None:
+        if key not in training.entries:
+            raise InputError(f"{source}: --key {key!r}: no such entry; the entries are "
+                             f"{_names(training.entries)}")
+        if key not in found:
+            raise InputError(f"{source}: --key {key!r} is a {type(training.entries[key]).__name__},"
+                             f" not a model state (a dict of tensors); entries that are: "
+                             f"{', '.join(found) or 'none'}")
+    elif len(found) == 1:
+        key = found[0]
+    else:
+        raise InputError(f"{source}: several entries hold a model state ({', '.join(found)}); "
+                         f"pass --key NAME to say which to morph, e.g. --key {found[0]}")
+    training.key = key
+    state = training.entries[key]
+    metadata = getattr(state, "_metadata", None)
+    out = type(state)(state) if isinstance(state, dict) else dict(state)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+        training.metadata = metadata
+    return out
+
+
+def split_prefix(training: TrainingCheckpoint, state: dict[str, torch.Tensor],
+                 expected: set[str]) -> dict[str, torch.Tensor]:
+    """The state under the architecture's own names: Lightning stores ``model.conv1.weight``
+    for a LightningModule whose ``model`` attribute is the network; keys outside the prefix
+    (a loss's buffers, metrics) are kept aside and written back as they were."""
+    if set(state) == expected:
+        return state
+    for prefix in sorted({k.split(".")[0] + "." for k in state if "." in k}):
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(inner) == expected:
+            training.prefix = prefix
+            training.others = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            return inner
+    return state
+
+
+def attach(gm: fx.GraphModule, training: TrainingCheckpoint, param_order: list[str]) -> None:
+    training.param_order = param_order
+    training.original = dict(gm.state_dict())
+    gm.meta[TRAINING_META] = training
+
+
+def of(gm: fx.GraphModule) -> TrainingCheckpoint | None:
+    value = getattr(gm, "meta", {}).get(TRAINING_META)
+    return value if isinstance(value, TrainingCheckpoint) else None
+
+
+# ---------------------------------------------------------------- after the morph
+
+
+def follow_morph(new: fx.GraphModule, *, drop_optimizer_state: bool = False,
+                 source: str = "the checkpoint") -> list[str]:
+    """Carry the other entries of ``new``'s training checkpoint over the morph: raises
+    InputError when optimizer state of a changed parameter would be lost (unless
+    ``drop_optimizer_state``); returns notes saying what was kept and dropped."""
+    training = of(new)
+    if training is None:
+        return []
+    new_order = _param_names(new)
+    changed = _changed(training.original, new, training.param_order)
+    entries = dict(training.entries)
+    notes: list[str] = []
+    for where, opt, put in _optimizers(entries):
+        lost = _lost(opt, training.param_order, changed)
+        if lost and not drop_optimizer_state:
+            names = sorted({n for n, _ in lost})
+            kinds = sorted({k for _, ks in lost for k in ks})
+            raise InputError(
+                f"{source}: the optimizer state in {where} holds per-parameter state "
+                f"({', '.join(kinds)}) of {len(names)} parameters the morph changes "
+                f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); it cannot "
+                "follow a morph yet and would be lost. Pass --drop-optimizer-state to drop "
+                "the state of just those parameters (param_groups and every other entry are "
+                "kept), or write a model file without the checkpoint (.safetensors)")
+        put(_renumbered(opt, training.param_order, new_order, {n for n, _ in lost}))
+        if lost:
+            notes.append(f"{where}: dropped the optimizer state of {len(lost)} changed "
+                         f"parameters ({', '.join(sorted(n for n, _ in lost)[:4])}"
+                         f"{' ...' if len(lost) > 4 else ''}); param_groups kept")
+    kept = [k for k in entries if k not in (training.key, ARCH_ENTRY)]
+    if kept:
+        notes.append(f"training checkpoint: entry {training.key!r} morphed; kept "
+                     f"{', '.join(map(str, kept[:8]))}{' ...' if len(kept) > 8 else ''}")
+    new.meta[TRAINING_META] = replace(training, entries=entries, notes=notes)
+    return notes
+
+
+def _param_names(gm: fx.GraphModule) -> list[str]:
+    """The parameter order of the model that reading the written file gives
+    (``describe.rebuild``: leaf layers set in description order, then tensors held by the
+    graph), which is what ``optim.X(morphcli.load(OUTPUT).parameters())`` counts in."""
+    from morphcli.graph.describe import describe
+
+    desc = describe(gm)
+    tree: dict[str, Any] = {"first": [], "own": [], "children": {}}
+
+    def node(path: str) -> dict[str, Any]:
+        at = tree
+        for part in path.split(".") if path else []:
+            at = at["children"].setdefault(part, {"first": [], "own": [], "children": {}})
+        return at
+
+    for path in desc["modules"]:
+        node(path)["own"] += [f"{path}.{n}" for n, _ in gm_layer(gm, path).named_parameters()]
+    for path, kind in desc["attrs"].items():
+        if kind == "parameter":
+            parent, _, _ = path.rpartition(".")
+            node(parent)["first"].append(path)  # a module's own parameters come first
+    out: list[str] = []
+
+    def walk(at: dict[str, Any]) -> None:
+        out.extend(at["first"] + at["own"])
+        for child in at["children"].values():
+            walk(child)
+
+    walk(tree)
+    return list(dict.fromkeys(out))
+
+
+def gm_layer(gm: fx.GraphModule, path: str) -> torch.nn.Module:
+    from morphcli.graph.carried import carried
+
+    layers = carried(gm)
+    return layers[path] if path in layers else gm.get_submodule(path)
+
+
+def _changed(original: Mapping[str, torch.Tensor], new: fx.GraphModule,
+             names: list[str]) -> set[str]:
+    state = new.state_dict()
+    out = set()
+    for name in names:
+        old, now = original.get(name), state.get(name)
+        if old is None or now is None or old.shape != now.shape or old.dtype != now.dtype:
+            out.add(name)
+        elif old.data_ptr() != now.data_ptr() and not torch.equal(old, now):
+            out.add(name)
+    return out
+
+
+def _optimizers(entries: dict[str, Any]) -> Iterator[tuple[str, dict, Any]]:
+    """(where, optimizer state_dict, a setter) for every optimizer state in the entries:
+    ``optimizer``-like values and lists of them (Lightning's ``optimizer_states``)."""
+    for key, value in list(entries.items()):
+        if _is_optimizer(value):
+            yield f"entry {key!r}", value, _setter(entries, key)
+        elif isinstance(value, list):
+            items = list(value)
+            entries[key] = items
+            for i, item in enumerate(items):
+                if _is_optimizer(item):
+                    yield f"entry {key!r}[{i}]", item, _setter(items, i)
+
+
+def _setter(container: Any, key: Any) -> Any:
+    def put(value: Any) -> None:
+        container[key] = value
+    return put
+
+
+def _is_optimizer(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("state"), dict)
+            and isinstance(v.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in v["param_groups"]))
+
+
+def _id_names(opt: dict, order: list[str]) -> dict[Any, str | None]:
+    """Parameter id -> name: from ``param_names`` (torch >= 2.6 stores them when the
+    optimizer got named parameters), else by position in the model's parameter order (the
+    ids of ``optim.X(model.parameters())``); None where that cannot be known."""
+    ids = [i for g in opt["param_groups"] for i in g["params"]]
+    names = [n for g in opt["param_groups"] for n in g.get("param_names", [])]
+    if len(names) == len(ids):
+        return dict(zip(ids, names, strict=True))
+    if len(ids) == len(order):
+        return dict(zip(ids, order, strict=True))
+    return dict.fromkeys(ids)
+
+
+def _lost(opt: dict, order: list[str], changed: set[str]) -> list[tuple[str, list[str]]]:
+    """(parameter, state names) for each state entry the morph makes stale."""
+    if not changed:
+        return []
+    names = _id_names(opt, order)
+    out = []
+    for pid, state in opt["state"].items():
+        name = names.get(pid)
+        if (name is None or name in changed) and isinstance(state, dict) and state:
+            out.append((name or f"parameter id {pid}", sorted(map(str, state))))
+    return out
+
+
+def _renumbered(opt: dict, old_order: list[str], new_order: list[str],
+                dropped: set[str]) -> dict:
+    """``opt`` with ids counted in ``new_order`` (new parameters join the group of the
+    parameter before them), without the state of ``dropped``; as it was when nothing moved."""
+    names = _id_names(opt, old_order)
+    if None in names.values():  # ids we cannot name: only the dropping applies
+        state = {k: v for k, v in opt["state"].items() if f"parameter id {k}" not in dropped}
+        return {**opt, "state": state}
+    group_of = {names[i]: g for g, group in enumerate(opt["param_groups"])
+                for i in group["params"]}
+    by_name = {names[pid]: s for pid, s in opt["state"].items() if pid in names}
+    present = [n for n in new_order if n in group_of or n not in set(old_order)]
+    if present == old_order and not dropped:
+        return opt  # nothing moved: kept exactly as it was
+    groups = [copy.copy(g) for g in opt["param_groups"]]
+    for g in groups:
+        g["params"] = []
+        g.pop("param_names", None)
+    state: dict[int, Any] = {}
+    last = 0
+    for new_id, name in enumerate(present):
+        last = group_of.get(name, last)
+        groups[last]["params"].append(new_id)
+        if any("param_names" in g for g in opt["param_groups"]):
+            groups[last].setdefault("param_names", []).append(name)
+        if name in by_name and name not in dropped:
+            state[new_id] = by_name[name]
+    return {**opt, "state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def payload(gm: fx.GraphModule, description: dict[str, Any],
+            tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The dict written for a training checkpoint: the input's entries, the model state
+    morphed (under its prefix, beside the keys kept aside) and the architecture."""
+    training = of(gm)
+    assert training is not None
+    entries = dict(training.entries)
+    state: dict[str, Any] = collections.OrderedDict(
+        (training.prefix + k, v) for k, v in tensors.items())
+    state.update(training.others)
+    if isinstance(training.metadata, dict):  # module versions, for the user's load_state_dict
+        state._metadata = training.metadata  # type: ignore[attr-defined]
+    entries[training.key] = state
+    entries[ARCH_ENTRY] = {"architecture": json.dumps(description, sort_keys=True),
+                           "key": training.key, "prefix": training.prefix}
+    return entries
+
+
+def stored_architecture(obj: dict) -> tuple[str, str, str] | None:
+    """(description text, model key, prefix) stored by ``payload``, or None."""
+    value = obj.get(ARCH_ENTRY)
+    if not isinstance(value, dict):
+        return None
+    text, key, prefix = value.get("architecture"), value.get("key"), value.get("prefix", "")
+    if isinstance(text, str) and isinstance(key, str) and isinstance(prefix, str):
+        return text, key, prefix
+    return None
+
+
+KEEPS_ENTRIES = (".pt", ".pth", ".ckpt", "")  # "": stdout, a .pt archive
+
+
+def unkept_note(gm: fx.GraphModule, suffix: str) -> str:
+    training = of(gm)
+    names = training.entry_names() if training else []
+    return (f"a {suffix} file holds the model only: the checkpoint's other entries "
+            f"({', '.join(map(str, names[:6]))}{' ...' if len(names) > 6 else ''}) are not "
+            "written; write .pt or .ckpt to keep them")
+
+
+def _names(d: dict) -> str:
+    keys = [str(k) for k in d]
+    return ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
