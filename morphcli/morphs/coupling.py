@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,65 +20,22 @@ from torch.nn import functional as F
 
 from morphcli.errors import UnsupportedMorphError
 from morphcli.graph.edit import tensor_shape
+from morphcli.morphs.coupling_ops import (
+    ELEMENTWISE_FUNCS,
+    ELEMENTWISE_METHODS,
+    REDUCTIONS,
+    SHAPE_METHODS,
+    SPATIAL_FUNCS,
+    arg,
+    index_axis,
+    op_name,
+)
+from morphcli.morphs.coupling_plan import Coupling, Group
 from morphcli.rules import registry
 from morphcli.rules.channel_map import ChannelMap
 
-# Ops that act elementwise (with broadcasting) on all their tensor arguments.
-_ELEMENTWISE_FUNCS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-    operator.imul, operator.itruediv, operator.neg, operator.pos,
-    torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh,
-    torch.clamp, torch.neg, torch.abs, torch.where,
-    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
-    F.selu, F.celu, F.softplus, F.hardtanh, F.dropout, F.sigmoid, F.tanh, F.prelu,
-}
-_ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clamp", "contiguous", "clone",
-    "float", "to", "type_as", "neg", "abs", "exp", "add_", "mul_", "relu_", "sigmoid_",
-    "detach", "__add__", "__mul__", "__sub__",
-}
-_SPATIAL_FUNCS: set[Any] = {
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.interpolate, F.pad,
-}
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
-_SHAPE_METHODS = {"size", "dim"}
 
-
-@dataclass
-class Group:
-    """Tensors that must carry the same units. ``source`` defines their map: the widened
-    layer (None) or a concat/flatten node whose map derives from its inputs."""
-
-    source: fx.Node | None
-    cmap: ChannelMap | None = None
-    blocks: int = 1  # grouped convolutions in the group: new units must stay in their group
-    # A LayerNorm normalising over the units: every unit must be copied equally often
-    # (ChannelMap.replicate), so that its mean and variance stay the same.
-    uniform: fx.Node | None = None
-
-
-@dataclass
-class Plan:
-    """Everything a widen changes: tensor groups and the layers touched."""
-
-    tensors: dict[fx.Node, tuple[int, Group]] = field(default_factory=dict)
-    producers: list[fx.Node] = field(default_factory=list)  # outputs grow
-    consumers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (layer, input)
-    channelwise: list[fx.Node] = field(default_factory=list)
-    derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
-    rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
-    attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
-    norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape
-
-    def map_of(self, node: fx.Node) -> ChannelMap:
-        cmap = self.tensors[node][1].cmap
-        assert cmap is not None
-        return cmap
-
-
-def analyse(gm: fx.GraphModule, target: fx.Node) -> Plan:
+def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
     """The coupling plan for widening ``target``'s output (maps filled by ``assign_maps``)."""
     walker = _Walker(gm, target)
     walker.run()
@@ -91,7 +46,7 @@ class _Walker:
     def __init__(self, gm: fx.GraphModule, target: fx.Node) -> None:
         self.gm = gm
         self.target = target
-        self.plan = Plan()
+        self.plan = Coupling()
         self.queue: list[fx.Node] = []
         self.sites = _call_sites(gm)
         self.forwarded: set[fx.Node] = set()
@@ -130,7 +85,7 @@ class _Walker:
     def refuse(self, node: fx.Node, why: str) -> Any:
         op = node.op
         what = (f"{node.target} ({type(self.module(node)).__name__})" if op == "call_module"
-                else _op_name(node))
+                else op_name(node))
         raise UnsupportedMorphError(f"cannot widen: the widened units reach {what} at node "
                                     f"{node.name!r}, and {why}")
 
@@ -196,8 +151,8 @@ class _Walker:
             return
         if node.op == "call_function" and node.target is torch.cat:
             rank = len(tensor_shape(node) or ())
-            if _arg(node, 1, "dim", 0) % rank != dim:  # joined along another axis (tokens)
-                for part in _arg(node, 0, "tensors", []):
+            if arg(node, 1, "dim", 0) % rank != dim:  # joined along another axis (tokens)
+                for part in arg(node, 0, "tensors", []):
                     self.join(part, dim, group)
                 return
         if node.op == "call_method" and node.target in ("view", "reshape"):
@@ -208,7 +163,7 @@ class _Walker:
                 return
         attention = _attention_output_of(self.gm, node)
         if attention is not None:  # its units are its query's: widen from there
-            self.join(_arg(attention, 0, "query", None), dim, group)
+            self.join(arg(attention, 0, "query", None), dim, group)
             return
         if node.op in ("call_function", "call_method"):
             moved = self.axis_through(node, dim, backward=True)
@@ -284,23 +239,23 @@ class _Walker:
 
     def is_elementwise(self, node: fx.Node) -> bool:
         if node.op == "call_function":
-            return node.target in _ELEMENTWISE_FUNCS
-        return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+            return node.target in ELEMENTWISE_FUNCS
+        return node.op == "call_method" and node.target in ELEMENTWISE_METHODS
 
     def join_operands(self, node: fx.Node, dim: int, group: Group) -> None:
         """Every full-size operand of an elementwise op must carry the same units."""
         out_rank = len(tensor_shape(node) or ())
         old = _old_width(self, group, node)
-        for arg in node.all_input_nodes:
-            shape = tensor_shape(arg)
+        for operand in node.all_input_nodes:
+            shape = tensor_shape(operand)
             if shape is None:
                 continue
             d = dim - (out_rank - len(shape))
             if d < 0 or shape[d] == 1:
                 continue  # broadcast along the widened axis: the same value for every unit
             if old is not None and shape[d] != old:
-                self.refuse(node, f"operand {arg.name!r} has {shape[d]} units, not {old}")
-            self.join(arg, d, group)
+                self.refuse(node, f"operand {operand.name!r} has {shape[d]} units, not {old}")
+            self.join(operand, d, group)
 
     def through_op(self, node: fx.Node, user: fx.Node, dim: int, rank: int, group: Group) -> None:
         target = user.target
@@ -309,19 +264,19 @@ class _Walker:
             self.concat(node, user, dim, rank)
             return
         if name == "flatten" and user.args[0] is node:
-            start = _arg(user, 1, "start_dim", 0)
-            end = _arg(user, 2, "end_dim", -1)
+            start = arg(user, 1, "start_dim", 0)
+            end = arg(user, 2, "end_dim", -1)
             self.flatten(node, user, dim, start, end)
             return
         if name in ("view", "reshape") and user.args[0] is node:
             self.reshape(node, user, dim, rank)
             return
-        if user.op == "call_function" and target in _SPATIAL_FUNCS:
+        if user.op == "call_function" and target in SPATIAL_FUNCS:
             if dim != 1 or user.args[0] is not node:
                 self.refuse(user, "it pools or resizes along the widened axis")
             self.follow(user, dim, group)
             return
-        if name in _SHAPE_METHODS or (user.op == "call_function" and target is getattr):
+        if name in SHAPE_METHODS or (user.op == "call_function" and target is getattr):
             self.shape_read(user, dim)
             return
         moved = self.axis_through(user, dim, backward=False)
@@ -346,21 +301,21 @@ class _Walker:
             dims = [d % in_rank for d in dims]
             return dims[dim] if backward else dims.index(dim)
         if name == "transpose":
-            a, b = (_arg(node, 1, "dim0", 0) % in_rank, _arg(node, 2, "dim1", 1) % in_rank)
+            a, b = (arg(node, 1, "dim0", 0) % in_rank, arg(node, 2, "dim1", 1) % in_rank)
             return {a: b, b: a}.get(dim, dim)
         if name in ("softmax", "log_softmax") and not backward:
-            return dim if _arg(node, 1, "dim", None) % in_rank != dim else None
-        if name in _REDUCTIONS and not backward:
-            dims = _arg(node, 1, "dim", None)
+            return dim if arg(node, 1, "dim", None) % in_rank != dim else None
+        if name in REDUCTIONS and not backward:
+            dims = arg(node, 1, "dim", None)
             if dims is None:
                 return None
             dims = [d % in_rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
             if dim in dims:
                 return None
-            keep = _arg(node, 2, "keepdim", False)
+            keep = arg(node, 2, "keepdim", False)
             return dim if keep else dim - sum(1 for d in dims if d < dim)
         if name == "getitem" and not backward:
-            return _index_axis(node.args[1], dim, in_rank)
+            return index_axis(node.args[1], dim, in_rank)
         if name == "expand":
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
@@ -371,7 +326,7 @@ class _Walker:
                 return in_dim if backward else out_dim
             return None
         if name in ("unsqueeze",) and not backward:
-            at = _arg(node, 1, "dim", 0) % (in_rank + 1)
+            at = arg(node, 1, "dim", 0) % (in_rank + 1)
             return dim + 1 if at <= dim else dim
         return None
 
@@ -393,8 +348,8 @@ class _Walker:
     # -- derived layouts
 
     def concat(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
-        axis = _arg(user, 1, "dim", 0) % rank
-        tensors = _arg(user, 0, "tensors", [])
+        axis = arg(user, 1, "dim", 0) % rank
+        tensors = arg(user, 0, "tensors", [])
         if axis != dim:  # concatenated along another axis: every part carries the same units
             group = self.plan.tensors[node][1]
             for t in tensors:
@@ -480,7 +435,7 @@ class _Walker:
         of its input (``rules.attention`` resizes its projections)."""
         if dim != rank - 1:
             self.refuse(node, "attention mixes positions along the widened axis")
-        q, k, v = (_arg(node, i, name, None) for i, name in enumerate(("query", "key", "value")))
+        q, k, v = (arg(node, i, name, None) for i, name in enumerate(("query", "key", "value")))
         if not (q is k is v):
             self.refuse(node, "its keys or values come from another tensor (cross-attention)")
         self.add_channelwise(node, m, registry.lookup("channelwise", m), dim)
@@ -504,7 +459,7 @@ class _Walker:
         parameters follow the map."""
         module = self.module(node) if node.op == "call_module" else None
         shape = module.normalized_shape if module is not None else \
-            _arg(node, 1, "normalized_shape", ())
+            arg(node, 1, "normalized_shape", ())
         if dim < rank - len(shape):
             return
         if len(shape) != 1 or dim != rank - 1:
@@ -518,7 +473,7 @@ class _Walker:
             self.add_channelwise(node, module, registry.lookup("channelwise", module), dim)
             return
         for i, name in ((2, "weight"), (3, "bias")):
-            param = _arg(node, i, name, None)
+            param = arg(node, i, name, None)
             if isinstance(param, fx.Node):
                 self.join(param, 0, group)
         if node not in self.plan.norm_shapes:
@@ -541,29 +496,6 @@ class _Walker:
                         "places and widening it would change all of them")
 
 
-def assign_maps(plan: Plan, target: fx.Node, root_map: ChannelMap) -> None:
-    """Give every group its map: the root's is given; derived ones are computed from their
-    inputs once those are known."""
-    plan.tensors[target][1].cmap = root_map
-    pending = dict(plan.derived)
-    while pending:
-        progressed = False
-        for node, derive in list(pending.items()):
-            try:
-                cmap = derive()
-            except AssertionError:
-                continue  # an input's map is not known yet
-            plan.tensors[node][1].cmap = cmap
-            del pending[node]
-            progressed = True
-        if not progressed:
-            raise UnsupportedMorphError("cannot widen: the channel layouts depend on each other "
-                                        "in a cycle")
-    for node, (_, group) in plan.tensors.items():
-        if group.cmap is None:
-            raise UnsupportedMorphError(f"cannot widen: no channel layout for node {node.name!r}")
-
-
 def _old_width(walker: _Walker, group: Group, node: fx.Node) -> int | None:
     for n, (d, g) in walker.plan.tensors.items():
         if g is group:
@@ -581,37 +513,6 @@ def _call_sites(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     return sites
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _index_axis(index: Any, dim: int, rank: int) -> int | None:
-    """Where axis ``dim`` lands after ``x[index]``; None if the index touches it."""
-    items = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis for i in items):
-        pos = items.index(Ellipsis)
-        items = items[:pos] + (slice(None),) * (rank - len(items) + 1) + items[pos + 1 :]
-    out = 0
-    for axis in range(rank):
-        item = items[axis] if axis < len(items) else slice(None)
-        if axis == dim:
-            return out if item == slice(None) else None
-        if item is None:
-            out += 1
-        if isinstance(item, slice):
-            out += 1
-    return None
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, str):
-        return f"{node.op} {t}"
-    return getattr(t, "__name__", str(t))
-
-
 def _attention_output_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The MultiheadAttention call whose output ``node`` is (``attn(q, k, v)[0]``), if any."""
     if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
@@ -621,4 +522,3 @@ def _attention_output_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
             isinstance(gm.get_submodule(str(src.target)), nn.MultiheadAttention):
         return src
     return None
-

@@ -21,7 +21,8 @@ from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_shape
 from morphcli.graph.layers import find_one_layer
 from morphcli.morphs import limits
-from morphcli.morphs.coupling import Plan, analyse, assign_maps
+from morphcli.morphs.coupling import analyse
+from morphcli.morphs.coupling_plan import Coupling, assign_maps
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
 from morphcli.rules import registry
@@ -138,7 +139,7 @@ def _new_width(old: int, opts: WidenOptions) -> int:
     return width
 
 
-def _check_new_size(gm: fx.GraphModule, plan: Plan, target: fx.Node, old: int,
+def _check_new_size(gm: fx.GraphModule, plan: Coupling, target: fx.Node, old: int,
                     width: int) -> None:
     """The layers a widen resizes grow about ``width / old`` times: refuse before allocating
     when that is more weights than one morph may create (a huge --to on a big convolution)."""
@@ -212,7 +213,7 @@ def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: in
     return ChannelMap.replicate(old, width, blocks)
 
 
-def _resized_layers(gm: fx.GraphModule, plan: Plan, ctx: ResizeContext):
+def _resized_layers(gm: fx.GraphModule, plan: Coupling, ctx: ResizeContext):
     """(path, new layer, old layer) for every layer whose weights change."""
     out_maps = {str(n.target): plan.map_of(n) for n in plan.producers}
     in_maps: dict[str, ChannelMap] = {}
@@ -247,7 +248,7 @@ def _tensors_of(m: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(m.named_parameters()), **dict(m.named_buffers())}
 
 
-def _resize_attrs(gm: fx.GraphModule, plan: Plan) -> list[Change]:
+def _resize_attrs(gm: fx.GraphModule, plan: Coupling) -> list[Change]:
     """Per-unit tensors read directly by the graph (layer scales) follow the map."""
     changes = []
     for node in plan.attrs:
@@ -264,7 +265,7 @@ def _resize_attrs(gm: fx.GraphModule, plan: Plan) -> list[Change]:
     return changes
 
 
-def _rewrite_norm_shapes(plan: Plan) -> list[Change]:
+def _rewrite_norm_shapes(plan: Coupling) -> list[Change]:
     """The literal normalized_shape of F.layer_norm calls over the widened units."""
     changes = []
     for node in plan.norm_shapes:
@@ -281,7 +282,7 @@ def _rewrite_norm_shapes(plan: Plan) -> list[Change]:
     return changes
 
 
-def _rewrite_reshapes(plan: Plan) -> list[Change]:
+def _rewrite_reshapes(plan: Coupling) -> list[Change]:
     """Literal sizes of view/reshape calls that hold the widened axis."""
     changes = []
     for node, _ in plan.rewrites:

@@ -1,0 +1,67 @@
+"""What the coupling walk finds (``morphs.coupling``): groups of tensors that must carry the
+same units, the layers they touch, and the channel map each group gets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from morphcli.errors import UnsupportedMorphError
+from morphcli.rules.channel_map import ChannelMap
+
+
+@dataclass
+class Group:
+    """Tensors that must carry the same units. ``source`` defines their map: the widened
+    layer (None) or a concat/flatten node whose map derives from its inputs."""
+
+    source: fx.Node | None
+    cmap: ChannelMap | None = None
+    blocks: int = 1  # grouped convolutions in the group: new units must stay in their group
+    # A LayerNorm normalising over the units: every unit must be copied equally often
+    # (ChannelMap.replicate), so that its mean and variance stay the same.
+    uniform: fx.Node | None = None
+
+
+@dataclass
+class Coupling:
+    """Everything a widen changes: tensor groups and the layers touched."""
+
+    tensors: dict[fx.Node, tuple[int, Group]] = field(default_factory=dict)
+    producers: list[fx.Node] = field(default_factory=list)  # outputs grow
+    consumers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (layer, input)
+    channelwise: list[fx.Node] = field(default_factory=list)
+    derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
+    rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
+    attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
+    norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape
+
+    def map_of(self, node: fx.Node) -> ChannelMap:
+        cmap = self.tensors[node][1].cmap
+        assert cmap is not None
+        return cmap
+
+
+def assign_maps(plan: Coupling, target: fx.Node, root_map: ChannelMap) -> None:
+    """Give every group its map: the root's is given; derived ones are computed from their
+    inputs once those are known."""
+    plan.tensors[target][1].cmap = root_map
+    pending = dict(plan.derived)
+    while pending:
+        progressed = False
+        for node, derive in list(pending.items()):
+            try:
+                cmap = derive()
+            except AssertionError:
+                continue  # an input's map is not known yet
+            plan.tensors[node][1].cmap = cmap
+            del pending[node]
+            progressed = True
+        if not progressed:
+            raise UnsupportedMorphError("cannot widen: the channel layouts depend on each other "
+                                        "in a cycle")
+    for node, (_, group) in plan.tensors.items():
+        if group.cmap is None:
+            raise UnsupportedMorphError(f"cannot widen: no channel layout for node {node.name!r}")
