@@ -24,15 +24,23 @@ def check(
     atol: o.Atol = DEFAULT_ATOL,
     rtol: o.Rtol = DEFAULT_RTOL,
     input_shape: o.InputShape = None,
+    arch: o.Arch = None,
+    arch_kwargs: o.ArchKwargs = None,
+    key: o.Key = None,
     trust: o.Trust = False,
     as_json: o.Json = False,
     debug: o.Debug = False,
 ) -> None:
-    """Compare A and B on the same seeded random inputs (either may be .onnx or .pt2)."""
+    """Compare A and B on the same seeded random inputs (either may be .onnx or .pt2).
+
+    --arch applies to each side that holds only weights, --key to each side that is a
+    training checkpoint."""
     with handled(debug):
         from morphcli.cli.morph_common import check_numbers
+        from morphcli.io.arch import parse_kwargs
 
         check_numbers(samples, batch_size, seed, atol, rtol)  # before any work
+        kwargs = parse_kwargs(arch_kwargs)
         if a == "-" and b == "-":
             from morphcli.errors import InputError
 
@@ -44,8 +52,10 @@ def check(
         from morphcli.hf import is_hf_dir
 
         if is_hf_dir(a) or is_hf_dir(b):  # Hugging Face directories: morphcli/hf compares
-            from morphcli.hf.cli import HFCheckOptions, hf_check
+            from morphcli.hf.cli import HFCheckOptions, hf_check, refuse_options
 
+            refuse_options({"--arch": arch is not None, "--arch-kwargs": arch_kwargs is not None,
+                            "--key": key is not None})
             if hf_check(a, b, HFCheckOptions(samples, batch_size, seed, atol, rtol), as_json):
                 return
             raise typer.Exit(EXIT_NOT_EQUIVALENT)
@@ -57,7 +67,8 @@ def check(
                   total=samples) as update:
             report = run_check(a, b, samples=samples, batch_size=batch_size, seed=seed,
                                atol=atol, rtol=rtol, input_shapes=shapes_arg(input_shape),
-                               trust=trust, progress=update)
+                               trust=trust, progress=update, arch=arch, arch_kwargs=kwargs,
+                               key=key)
         if as_json:
             print_json(report.to_json())
         else:

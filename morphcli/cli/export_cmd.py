@@ -15,6 +15,7 @@ def export(
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
     trust: o.Trust = False,
+    key: o.Key = None,
     input_shape: o.InputShape = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
@@ -25,8 +26,9 @@ def export(
         from morphcli.hf import is_hf_dir
 
         if is_hf_dir(model):  # a Hugging Face directory: morphcli/hf handles it
-            from morphcli.hf.cli import hf_export
+            from morphcli.hf.cli import hf_export, refuse_options
 
+            refuse_options({"--key": key is not None})
             return hf_export(model, output, as_json, quiet)
         refuse_json_with_stdout_model(output, as_json)
         if output != "-":  # before any work: a path that cannot be written, or is the input
@@ -42,7 +44,7 @@ def export(
         from morphcli.cli.progress import step
         from morphcli.writing import write_verified
 
-        loading = LoadOptions.of(arch, arch_kwargs, trust, input_shape)
+        loading = LoadOptions.of(arch, arch_kwargs, trust, input_shape, key)
         with step(f"loading {model}", quiet=quiet):
             gm = loading.load(model)
         with step(f"exporting and verifying {'stdout' if output == '-' else output}", quiet=quiet):

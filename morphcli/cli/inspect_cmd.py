@@ -14,6 +14,7 @@ def inspect(
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
     trust: o.Trust = False,
+    key: o.Key = None,
     input_shape: o.InputShape = None,
     as_json: o.Json = False,
     debug: o.Debug = False,
@@ -23,12 +24,13 @@ def inspect(
         from morphcli.hf import is_hf_dir
 
         if is_hf_dir(model):  # a Hugging Face directory: morphcli/hf handles it
-            from morphcli.hf.cli import hf_inspect
+            from morphcli.hf.cli import hf_inspect, refuse_options
 
+            refuse_options({"--key": key is not None})
             return hf_inspect(model, as_json, trust)
         from morphcli.inspection import summarize
 
-        gm = LoadOptions.of(arch, arch_kwargs, trust, input_shape).load(model)
+        gm = LoadOptions.of(arch, arch_kwargs, trust, input_shape, key).load(model)
         summary = summarize(gm)
         if as_json:
             print_json(summary)

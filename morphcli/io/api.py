@@ -64,22 +64,48 @@ def open_runner(
     trust: bool = False,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     stdin: BinaryIO | None = None,
+    key: str | None = None,
 ) -> tuple[Runner, tuple[InputSpec, ...] | None, str]:
     """Any readable model as something to run: (runner, its input specs, a label)."""
+    if isinstance(source, fx.GraphModule):
+        return _sized_runner(source), source.meta.get(INPUTS_META), "model"
     if isinstance(source, nn.Module):
-        if isinstance(source, fx.GraphModule):
-            return _sized_runner(source), source.meta.get(INPUTS_META), "model"
         ckpt = Checkpoint("model", module=source)
     else:
         ckpt = read_checkpoint(source, trust=trust, stdin=stdin)
+    return runner_of(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes,
+                     key=key)
+
+
+def runner_of(
+    ckpt: Checkpoint,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shapes: Sequence[tuple[int, ...]] | None = None,
+    key: str | None = None,
+) -> tuple[Runner, tuple[InputSpec, ...] | None, str]:
+    """What ``open_runner`` returns, for a checkpoint already read (from a file)."""
     if ckpt.runner is not None:
         specs = ckpt.inputs
         if input_shapes:
             specs = tuple(InputSpec(tuple(s)) for s in input_shapes)
         return ckpt.runner, specs, ckpt.source
     gm = to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes,
-                         require_inputs=False)
+                         require_inputs=False, key=key)
     return _sized_runner(gm), gm.meta.get(INPUTS_META), ckpt.source
+
+
+def needs_arch(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint holds only weights, so that ``--arch`` must build the network:
+    a state_dict, or a training checkpoint without the architecture morph stores in one."""
+    if ckpt.state_dict is not None:
+        return True
+    if ckpt.training is None:
+        return False
+    from morphcli.io.training import stored_architecture
+
+    return stored_architecture(ckpt.training.entries) is None
 
 
 def _sized_runner(gm: fx.GraphModule) -> Runner:
