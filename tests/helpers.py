@@ -128,7 +128,7 @@ def assert_same_function(
     return Sameness(worst_abs, worst_rel)
 
 
-def onnx_callable(path: Path) -> Callable[..., torch.Tensor]:
+def onnx_callable(path: Path) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
     """Run an .onnx file in onnxruntime as plain users would, as a torch-in, torch-out call."""
     import onnxruntime as ort
 
@@ -137,7 +137,7 @@ def onnx_callable(path: Path) -> Callable[..., torch.Tensor]:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
-    def run(*inputs: torch.Tensor) -> torch.Tensor:
+    def run(*inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
         outs = [torch.from_numpy(o) for o in session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)
