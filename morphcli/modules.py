@@ -161,7 +161,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
+def _stochastic_depth(m: Any) -> nn.Module:
+    """Ours for torchvision's StochasticDepth (``m`` is that class, not imported here)."""
+    return StochasticDepth(m.p, m.mode)
+
+
 # Foreign layers (by qualified class name) that tracing replaces with an equivalent of ours.
 SUBSTITUTES: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "torchvision.ops.stochastic_depth.StochasticDepth": lambda m: StochasticDepth(m.p, m.mode),
+    "torchvision.ops.stochastic_depth.StochasticDepth": _stochastic_depth,
 }

@@ -76,11 +76,13 @@ def write_verified(
         return _write_stdout(gm, verify, stdout or sys.stdout.buffer)
     path = Path(dest)
     fmt = output_format(path)
-    inputs = (Path(source),) if source not in (None, STDIO) else ()
-    check_output_path(path, inputs)  # type: ignore[arg-type]
+    inputs = (Path(source),) if source is not None and source != STDIO else ()
+    check_output_path(path, inputs)
+    write = fmt.write
+    assert write is not None  # output_format refuses read-only formats
     report = None
     with atomic_path(path) as tmp:
-        fmt.write(gm, tmp)
+        write(gm, tmp)
         if verify:
             with _syncing(tmp):
                 report = _verify(gm, fmt, tmp)

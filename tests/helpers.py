@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -76,7 +77,58 @@ def assert_equivalent(
     return worst
 
 
-def onnx_callable(path: Path) -> Callable[..., torch.Tensor]:
+class Sameness(NamedTuple):
+    """How far two models' outputs are apart: the worst over outputs and inputs."""
+
+    max_abs: float
+    max_rel: float  # max |a - b| over max |a|, per output tensor
+
+
+def assert_same_function(
+    a: Callable[..., Any],
+    b: Callable[..., Any],
+    inputs_or_specs: Any,
+    *,
+    exact: bool = False,
+    rtol: float = 1e-6,
+    seeds: Sequence[int] = (0,),
+    scales: Sequence[float] = (1.0,),
+) -> Sameness:
+    """Assert ``b`` computes what ``a`` does, measured here with plain torch (not morph's own
+    check): bit for bit with ``exact`` (``max_abs == 0``), else within ``rtol`` of each output's
+    largest magnitude, the tool's own bound at most. Inputs are the given tensors, or seeded
+    random inputs of the given shapes / InputSpecs for each seed, times each scale.
+
+    >>> assert_same_function(model, morphcli.load("wide.pt"), [(4, 20)], exact=True)
+    """
+    worst_abs = worst_rel = 0.0
+    for seed in seeds:
+        for scale in scales:
+            inputs = tuple(t * scale if t.is_floating_point() else t
+                           for t in make_inputs(inputs_or_specs, seed=seed))
+            out_a, out_b = outputs_of(a, inputs), outputs_of(b, inputs)
+            assert len(out_a) == len(out_b), f"{len(out_a)} outputs vs {len(out_b)}"
+            for i, (x, y) in enumerate(zip(out_a, out_b, strict=True)):
+                where = f"output {i} (seed {seed}, input scale {scale:g})"
+                assert x.shape == y.shape, f"{where}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+                assert x.dtype == y.dtype, f"{where}: dtype {x.dtype} vs {y.dtype}"
+                assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"{where}: not finite"
+                if not x.numel():
+                    continue
+                x64, y64 = x.double(), y.double()
+                max_abs = float((x64 - y64).abs().max())
+                size = float(x64.abs().max())
+                max_rel = max_abs / size if size else (0.0 if max_abs == 0 else math.inf)
+                if exact:
+                    assert max_abs == 0.0, f"{where}: not bit-exact, max abs diff {max_abs:.3g}"
+                else:
+                    assert max_rel <= rtol, (f"{where}: max rel diff {max_rel:.3g} > {rtol:g} "
+                                             f"(max abs {max_abs:.3g})")
+                worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+    return Sameness(worst_abs, worst_rel)
+
+
+def onnx_callable(path: Path) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
     """Run an .onnx file in onnxruntime as plain users would, as a torch-in, torch-out call."""
     import onnxruntime as ort
 
@@ -85,7 +137,7 @@ def onnx_callable(path: Path) -> Callable[..., torch.Tensor]:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
-    def run(*inputs: torch.Tensor) -> torch.Tensor:
+    def run(*inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
         outs = [torch.from_numpy(o) for o in session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)

@@ -68,3 +68,38 @@ def test_every_callable_builder_of_operator_is_excluded() -> None:
     for name in ("attrgetter", "methodcaller", "itemgetter", "call"):
         assert f"operator.{name}" not in names
     assert "operator.getitem" in names and "operator.add" in names  # plain maths stays
+
+
+def _factory_archive(tmp_path: Path, kwargs: dict) -> Path:
+    """y = x + torch.zeros(1, 4, **kwargs)."""
+    nodes = [
+        {"op": "placeholder", "name": "x", "target": "x"},
+        {"op": "call_function", "name": "z", "target": "torch.zeros",
+         "args": {"tuple": [1, 4]}, "kwargs": {"dict": kwargs}},
+        _call("y", "operator.add", {"node": "x"}, {"node": "z"}),
+        {"op": "output", "name": "output", "target": "output",
+         "args": {"tuple": [{"node": "y"}]}, "kwargs": {"dict": {}}},
+    ]
+    return _archive(tmp_path / "factory.pt", nodes)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"device": {"device": "meta"}}, ("zeros on a fixed device 'meta'", "not allowlisted")),
+    ({"pin_memory": True}, ("zeros with keyword 'pin_memory'", "not allowlisted")),
+])
+def test_a_factory_may_not_name_its_own_device_or_extra_keywords(
+        tmp_path: Path, kwargs: dict, words: tuple[str, ...]) -> None:
+    """A stored torch.zeros(device="cuda") would allocate on a real device while morphcli
+    sizes the graph on meta; only ``x.device`` (a node) may be stored."""
+    code, stdout, stderr = invoke("inspect", _factory_archive(tmp_path, kwargs))
+    assert (code, stdout) == (2, "")
+    assert_one_error_line(stderr, *words)
+
+
+def test_a_factory_with_its_plain_keywords_is_allowed(tmp_path: Path) -> None:
+    """The refusal above is the guard's, not a general one: dtype is fine (and the tensor
+    adds zeros, so the model is the identity)."""
+    path = _factory_archive(tmp_path, {"dtype": {"dtype": "float32"}})
+    code, stdout, stderr = invoke("inspect", path)
+    assert code == 0, stderr
+    assert "zeros" in stdout

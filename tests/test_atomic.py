@@ -244,3 +244,35 @@ def test_stdout_on_a_full_disk(samples: Path) -> None:
                                "-o", "-"], stdout=full, stderr=subprocess.PIPE, timeout=300)
     assert proc.returncode == 4  # a failed write to stdout (issue 11)
     assert_one_error_line(proc.stderr.decode(), "error: cannot write to stdout: no space left")
+
+
+def test_the_file_is_on_disk_before_it_is_renamed_into_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary file is fsynced, complete, and only then renamed: a crash just after the
+    rename must not leave an empty or partial output under the real name (the data would
+    still sit in the page cache, the rename already on disk)."""
+    from morphcli.io import atomic
+
+    events: list[tuple[str, str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src: os.PathLike[str] | str, dst: os.PathLike[str] | str) -> None:
+        events.append(("replace", os.fspath(src), os.path.getsize(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "model.pt"
+    atomic.write_atomic(out, lambda tmp: tmp.write_bytes(OLD))
+    assert out.read_bytes() == OLD
+    kinds = [kind for kind, _, _ in events]
+    assert kinds.count("replace") == 1, events
+    _, renamed, size = events[kinds.index("replace")]
+    synced = [e for e in events[:kinds.index("replace")] if e[0] == "fsync" and e[1] == renamed]
+    assert synced, f"{renamed} renamed into place without an fsync first: {events}"
+    assert synced[-1][2] == size == len(OLD)
+    assert listing(tmp_path) == {"model.pt"}

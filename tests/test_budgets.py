@@ -402,3 +402,22 @@ def test_real_models_load_and_check_well_inside_the_caps(sample_dir: Path,
     assert tally.flops * 2 * 50 < budget.MAX_FLOPS.limit()
     # Both models, 4 samples, 2 FLOPs per multiply-add: 149 M multiply-adds a sample.
     assert math.isclose(tally.flops, 2 * 4 * 2 * 0.149e9, rel_tol=0.15)
+
+
+@pytest.mark.parametrize(("cap", "code"), [(11_007, 2), (11_008, 0)])
+def test_the_cap_on_new_weights_is_exact(samples: Path, monkeypatch: pytest.MonkeyPatch,
+                                         cap: int, code: int) -> None:
+    """Widening mlp.pt's fc1 to 128 units creates 11,008 weights (fc1 128x20 + 128, fc2
+    64x128): refused one below the cap, done at it (the cap itself lowered, so the test
+    costs nothing; a cap that is off by any factor fails it)."""
+    from morphcli.morphs import limits
+
+    monkeypatch.setattr(limits, "MAX_NEW_ELEMENTS", cap)
+    out = samples / "wide.pt"
+    got, stdout, stderr = invoke("widen", samples / "mlp.pt", "fc1", "--to", "128", "-o", out)
+    assert got == code, stderr
+    if code:
+        assert_one_error_line(stderr, "would hold 11,008 weights", f"more than the {cap:,}")
+        assert not out.exists()
+    else:
+        assert out.exists()

@@ -203,3 +203,25 @@ def test_the_worst_batch_is_the_one_furthest_beyond_its_tolerance() -> None:
     assert worst.input_scale == 1e-3
     assert 3e-5 < worst.max_rel < 5e-5
     assert 3e-5 < worst.max_abs < 5e-5
+
+
+class _InfAt(nn.Module):
+    """The identity, except that one output element is +inf: an overflow in one model only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # finite weights (no warning at load): exp overflows to inf, and exp(-1e4) is 0.0
+        self.register_buffer("shift", torch.tensor([1e3, -1e4, -1e4, -1e4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift.exp()
+
+
+@pytest.mark.parametrize("rtol", [1e-5, 1e300])
+def test_an_infinite_output_in_one_model_is_never_equivalent(rtol: float) -> None:
+    """Inf against a finite value is no difference of some size: the report says NaN or Inf
+    and gives no figure, whatever the tolerance (not a 'difference exceeds the tolerance')."""
+    report = morphcli.check(nn.Identity(), _InfAt(), input_shapes=[(1, 4)], rtol=rtol)
+    assert not report.equivalent
+    assert report.reason == "output 0 contains NaN or Inf", report.reason
+    assert math.isnan(report.max_abs) and math.isnan(report.outputs[0].max_abs)

@@ -6,8 +6,11 @@ adds, concatenations, depthwise and grouped convs, squeeze-excitation gates, poo
 LayerNorm, pre-norm self-attention blocks and a flatten (function, module or literal view) into
 Linear. Every morph the tool
 accepts must keep the function to float32 round-off (relative to the output's scale) on two
-input distributions; a refusal must be a MorphError. Morphed models are also written to a .pt
-archive and read back now and then, which must always work.
+input distributions, compared with the original model after every step of a sequence (plain
+torch in float64, not the tool's check, which is off); a refusal must be a MorphError. Morphed
+models are also written to a .pt archive and read back now and then, which must always work.
+At least ``MIN_ACCEPTED`` of the attempted morphs must be accepted: a tool that refused
+everything would otherwise pass by comparing the original with itself.
 
 The default run is sized for CI; ``pytest -m slow`` runs the long one (MORPH_PROPERTY_EXAMPLES
 and MORPH_PROPERTY_STEPS override both). The figures appear in the run's summary.
@@ -46,8 +49,14 @@ SLOW_RUN = (int(os.environ.get("MORPH_PROPERTY_EXAMPLES", "600")),
 NO_CHECK = CheckOptions(enabled=False)
 ACTIVATIONS = ["gelu", "silu", "tanh", "leaky_relu", "elu", "sigmoid"]
 LAYER_ACTIVATIONS = [nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU]
-FIGURES = ("property: {architectures} architectures, {morphs} morphs, {exact} exact, "
-           "{refused} refused, {round_trips} save/load round trips, {failures} failures")
+FIGURES = ("property: {architectures} architectures, {morphs} morphs, {accepted} accepted and "
+           "compared, {refused} refused, {comparisons} comparisons with the original, "
+           "{round_trips} save/load round trips, {failures} failures")
+# The share of attempted morphs that must be accepted (measured: 569 of 610, 93%, in the
+# default run; 4352 of 4887, 89%, in the slow one): a drop means the tool refuses what it
+# used to morph.
+MIN_ACCEPTED = 0.8
+_totals: dict[str, int] = {}
 
 
 class _Builder:
@@ -202,7 +211,7 @@ def _random_morph(draw: st.DrawFn, gm: fx.GraphModule, stats: dict[str, int]) ->
     except MorphError:
         stats["refused"] += 1
         return gm
-    stats["exact"] += 1
+    stats["accepted"] += 1
     return new
 
 
@@ -217,35 +226,65 @@ def _round_trip(gm: fx.GraphModule) -> fx.GraphModule:
 def _morph_sequences(data: st.DataObject, steps: int) -> None:
     original = data.draw(architectures())
     model = original
-    stats = {"architectures": 1, "morphs": 0, "exact": 0, "refused": 0, "round_trips": 0,
-             "failures": 0}
+    stats = {"architectures": 1, "morphs": 0, "accepted": 0, "refused": 0, "comparisons": 0,
+             "round_trips": 0, "failures": 0}
+    reference = _Reference(original)
     try:
         for _ in range(data.draw(st.integers(1, steps))):
+            accepted = stats["accepted"]
             model = _random_morph(data.draw, model, stats)
             stats["morphs"] += 1
+            changed = stats["accepted"] > accepted
             if data.draw(st.integers(0, 4)) == 0:
                 model = _round_trip(model)
                 stats["round_trips"] += 1
-        spec = original.meta[INPUTS_META][0]
-        gen = torch.Generator().manual_seed(1)
-        for scale in (1.0, 10.0):  # two input distributions, as the check uses
-            x = torch.randn((4, *spec.shape[1:]), generator=gen) * scale
-            # Both models are compared in float64, so that what is measured is the morph's
-            # maths and its float32 weights, not float32 arithmetic, which a tiny LayerNorm
-            # (three nearly equal features divided by their spread) can amplify 100-fold in
-            # either model. The bound: 1e-5 of the output's scale, plus a few times the
-            # original's own float32 error (how much this model amplifies round-off).
-            original64, model64 = copy.deepcopy(original).double(), copy.deepcopy(model).double()
-            with torch.no_grad():
-                exact = original64(x.double())
-                roundoff = float((original(x).double() - exact).abs().max())
-            budget = 1e-5 * max(1.0, float(exact.abs().max())) + 8 * roundoff
-            assert_equivalent(original64, model64, [x.double()], atol=budget)
+                changed = True
+            if changed:  # every step, not only the end of the sequence
+                reference.compare(model)
+                stats["comparisons"] += 1
     except Exception:  # not hypothesis's own control flow (StopTest is a BaseException)
         stats["failures"] += 1
         raise
     finally:
         add_figures("property", FIGURES, **stats)
+        for key, value in stats.items():
+            _totals[key] = _totals.get(key, 0) + value
+
+
+class _Reference:
+    """The original model's outputs on two input distributions (as the check uses), and how
+    much float32 round-off it has there, for comparing each morphed model against."""
+
+    def __init__(self, original: fx.GraphModule) -> None:
+        spec = original.meta[INPUTS_META][0]
+        gen = torch.Generator().manual_seed(1)
+        # Both models are compared in float64, so that what is measured is the morph's maths
+        # and its float32 weights, not float32 arithmetic, which a tiny LayerNorm (three nearly
+        # equal features divided by their spread) can amplify 100-fold in either model. The
+        # bound: 1e-5 of the output's scale, plus a few times the original's own float32 error
+        # (how much this model amplifies round-off).
+        original64 = copy.deepcopy(original).double()
+        self.cases = []
+        for scale in (1.0, 10.0):
+            x = torch.randn((4, *spec.shape[1:]), generator=gen) * scale
+            with torch.no_grad():
+                exact = original64(x.double())
+                roundoff = float((original(x).double() - exact).abs().max())
+            budget = 1e-5 * max(1.0, float(exact.abs().max())) + 8 * roundoff
+            self.cases.append((x.double(), exact, budget))
+
+    def compare(self, model: fx.GraphModule) -> None:
+        model64 = copy.deepcopy(model).double()
+        for x, exact, budget in self.cases:
+            assert_equivalent(lambda _, out=exact: out, model64, [x], atol=budget)
+
+
+def _assert_accepted_share() -> None:
+    accepted, morphs = _totals.get("accepted", 0), _totals.get("morphs", 0)
+    assert morphs and accepted >= MIN_ACCEPTED * morphs, (
+        f"only {accepted} of {morphs} attempted morphs accepted ({accepted / max(morphs, 1):.0%}"
+        f"), less than the {MIN_ACCEPTED:.0%} floor: the comparisons would mostly compare the "
+        "original with itself")
 
 
 _SETTINGS = dict(deadline=None, derandomize=True, database=None,
@@ -254,12 +293,24 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
 
 @settings(max_examples=DEFAULT_RUN[0], **_SETTINGS)
 @given(data=st.data())
-def test_random_morph_sequences_stay_exact(data: st.DataObject) -> None:
+def _default_sequences(data: st.DataObject) -> None:
     _morph_sequences(data, DEFAULT_RUN[1])
 
 
-@pytest.mark.slow
 @settings(max_examples=SLOW_RUN[0], **_SETTINGS)
 @given(data=st.data())
-def test_long_random_morph_sequences_stay_exact(data: st.DataObject) -> None:
+def _long_sequences(data: st.DataObject) -> None:
     _morph_sequences(data, SLOW_RUN[1])
+
+
+def test_random_morph_sequences_stay_exact() -> None:
+    _totals.clear()
+    _default_sequences()
+    _assert_accepted_share()
+
+
+@pytest.mark.slow
+def test_long_random_morph_sequences_stay_exact() -> None:
+    _totals.clear()
+    _long_sequences()
+    _assert_accepted_share()

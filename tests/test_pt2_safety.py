@@ -324,6 +324,27 @@ def test_tensor_larger_than_its_member_is_refused(own_pt2: dict[str, Path],
         morphcli.load(path)
 
 
+def test_members_claiming_far_more_than_the_file_holds_are_refused(
+        own_pt2: dict[str, Path], tmp_path: Path) -> None:
+    """A zip bomb: one weight's member is 96 MiB of zeros, deflated to a few hundred KiB.
+    The reader refuses it from the sizes the zip claims, before inflating anything."""
+    src = own_pt2["mlp.pt"]
+    with zipfile.ZipFile(src) as zin:
+        infos = zin.infolist()
+        members = [(i.filename, zin.read(i)) for i in infos]
+    config = json.loads(dict(members)[
+        infos[0].filename.split("/", 1)[0] + "/data/weights/model_weights_config.json"])
+    target = "data/weights/" + config["config"]["fc1.weight"]["path_name"]
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name, data in members:
+            zout.writestr(name, bytes(96 << 20) if name.endswith("/" + target) else data)
+    assert bomb.stat().st_size < 1 << 20
+    code, stdout, stderr = invoke("inspect", bomb)
+    assert (code, stdout) == (2, "")
+    assert_one_error_line(stderr, "claim", "damaged or a zip bomb")
+
+
 def test_operator_allowlist() -> None:
     from morphcli.io.pt2_archive import _allowed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def test_swap_relu_to_every_activation_is_exact(to: str) -> None:
     gm = sample_model("mlp")
     new, result = morphcli.swap(gm, "act1", to=to)
     assert result.exact and result.check.equivalent and result.check.max_abs == 0.0
+    assert_same_function(gm, new, exact=True)  # measured here too, not only by morph's check
     module = new.act1
     if to in ("leaky_relu", "prelu"):  # the natural parametric form: PReLU with slope 0
         assert type(module) is nn.PReLU and module.weight.item() == 0.0
@@ -43,7 +45,7 @@ def test_swap_shared_relu_all_sites() -> None:
     assert replaced == [f"relu@{i}" for i in range(1, 6)]
     assert isinstance(new.relu, ActivationBlend)
     assert sum(1 for n in new.graph.nodes if n.target == "relu") == 5
-    assert_same_function(gm, new)
+    assert_same_function(gm, new, exact=True)
 
 
 def test_swap_one_site_of_shared_relu() -> None:
@@ -53,6 +55,7 @@ def test_swap_one_site_of_shared_relu() -> None:
     assert [c.name for c in result.changes if c.action == "replaced"] == ["relu@2"]
     targets = [n.target for n in new.graph.nodes if n.op == "call_module" and "relu" in n.target]
     assert targets == ["relu", "relu_swap", "relu", "relu", "relu"]
+    assert_same_function(gm, new, exact=True)
     assert type(new.relu) is nn.ReLU and new.relu is gm.relu
     assert isinstance(new.relu_swap, ActivationBlend)
 
@@ -91,6 +94,7 @@ def test_swap_carries_old_configuration(acts_model: torch.fx.GraphModule, name: 
     to = "silu" if name != "silu" else "gelu"
     new, result = morphcli.swap(acts_model, f"acts.{name}", to=to)
     assert result.check.equivalent and result.check.max_abs == 0.0, result.check.summary()
+    assert_same_function(acts_model, new, exact=True)
     module = new.get_submodule(f"acts.{name}")
     if name == "leaky":
         assert module.old.negative_slope == 0.2
@@ -136,7 +140,8 @@ class Functional(nn.Module):
         e = F.gelu(h, approximate="tanh")
         f = F.elu(h, alpha=0.5)
         g = F.relu(h, inplace=False)
-        return a + b + c + d + e + f + g + torch.exp(h) + F.softmax(h, dim=1)
+        k = F.leaky_relu(h)  # the default slope, which the rebuilt module must take
+        return a + b + c + d + e + f + g + k + torch.exp(h) + F.softmax(h, dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -147,21 +152,46 @@ def functional_model() -> torch.fx.GraphModule:
 
 @pytest.mark.parametrize("node,old", [
     ("relu", "relu"), ("sigmoid", "sigmoid"), ("relu_1", "relu"), ("leaky_relu", "leaky_relu"),
-    ("gelu", "gelu"), ("elu", "elu"), ("relu_2", "relu"),
+    ("gelu", "gelu"), ("elu", "elu"), ("relu_2", "relu"), ("leaky_relu_1", "leaky_relu"),
 ])
 def test_swap_functional_sites(functional_model: torch.fx.GraphModule, node: str,
                                old: str) -> None:
     new, result = morphcli.swap(functional_model, node, to="mish")
     assert result.check.equivalent and result.check.max_abs == 0.0, result.check.summary()
+    assert_same_function(functional_model, new, exact=True)
     module = new.get_submodule(f"{node}_swap")
     assert isinstance(module, ActivationBlend) and module.old_activation == old
     assert not any(n.name == node and n.op != "call_module" for n in new.graph.nodes)
-    if node == "leaky_relu":
-        assert module.old.negative_slope == 0.3
+    if node.startswith("leaky_relu"):
+        assert module.old.negative_slope == {"leaky_relu": 0.3, "leaky_relu_1": 0.01}[node]
     if node == "gelu":
         assert module.old.approximate == "tanh"
     if node == "elu":
         assert module.old.alpha == 0.5
+
+
+@pytest.mark.parametrize(("fn", "kwargs"), [
+    (F.leaky_relu, {"negative_slope": 0.01}), (F.elu, {"alpha": 1.0}), (F.celu, {"alpha": 1.0}),
+    (F.hardtanh, {"min_val": -1.0, "max_val": 1.0}), (F.softplus, {"beta": 1.0, "threshold": 20.0}),
+    (F.gelu, {"approximate": "none"}),
+])
+def test_a_functional_site_without_its_arguments_takes_torchs_defaults(fn, kwargs) -> None:
+    """fx records every argument of a traced call, but a stored graph may leave them out
+    (``F.leaky_relu(h)``): the rebuilt module must then take torch's own defaults, compared
+    here bit for bit on inputs that reach every branch (-3 to 3, and past the thresholds)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(fn, (x,)))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    site = next(n.name for n in graph.nodes if n.op == "call_function")
+    new, result = morphcli.swap(gm, site, to="mish", input_shapes=[(1, 64)])
+    module = new.get_submodule(f"{site}_swap")
+    assert isinstance(module, ActivationBlend)
+    assert {k: getattr(module.old, k) for k in kwargs} == kwargs
+    probe = torch.cat([torch.linspace(-3, 3, 61), torch.tensor([-30.0, 25.0, 0.0])])[None]
+    with torch.no_grad():
+        assert torch.equal(new(probe), fn(probe))
+    assert result.check.equivalent and result.check.max_abs == 0.0
 
 
 @pytest.mark.parametrize("node", ["exp", "softmax"])
@@ -175,7 +205,8 @@ def test_can_swap_marks_activation_sites(functional_model: torch.fx.GraphModule)
     from morphcli.graph.layers import layers
 
     swappable = {la.name for la in layers(functional_model) if can_swap(la)}
-    assert swappable == {"relu", "sigmoid", "relu_1", "leaky_relu", "gelu", "elu", "relu_2"}
+    assert swappable == {"relu", "sigmoid", "relu_1", "leaky_relu", "gelu", "elu", "relu_2",
+                         "leaky_relu_1"}
 
 
 def test_swap_approx_is_plain_and_approximate() -> None:
@@ -183,6 +214,9 @@ def test_swap_approx_is_plain_and_approximate() -> None:
     new, result = morphcli.swap(gm, "relu", to="tanh", approx=True)
     assert not result.exact and type(new.relu) is nn.Tanh
     assert not result.check.equivalent and result.check.max_abs > 0
+    # measured independently: far from round-off, as the check says (tanh saturates at 1)
+    apart = assert_same_function(gm, new, rel=math.inf)
+    assert apart.max_rel > 1e-2 and result.check.max_rel > 1e-2
 
 
 def test_swap_errors() -> None:

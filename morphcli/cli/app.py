@@ -72,7 +72,7 @@ def _run() -> object:
     try:
         from typer._click.exceptions import ClickException  # typer >= 0.17 vendors click
     except ImportError:  # pragma: no cover - older typer
-        from click.exceptions import ClickException
+        from click.exceptions import ClickException  # type: ignore[assignment]
     try:
         result = app(standalone_mode=False)
     except ClickException as e:

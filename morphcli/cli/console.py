@@ -56,8 +56,8 @@ def guard_streams() -> None:
         if getattr(sys, name) is None or not _fd_open(fd):
             _closed.add(name)
             _reopen_devnull(fd)
-    sys.stdout = _Guard("stdout", None if "stdout" in _closed else sys.stdout)  # type: ignore
-    sys.stderr = _Guard("stderr", None if "stderr" in _closed else sys.stderr)  # type: ignore
+    sys.stdout = _Guard("stdout", None if "stdout" in _closed else sys.stdout)
+    sys.stderr = _Guard("stderr", None if "stderr" in _closed else sys.stderr)
 
 
 def _fd_open(fd: int) -> bool:

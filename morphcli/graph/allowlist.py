@@ -79,7 +79,7 @@ FACTORIES = ("zeros", "ones", "full", "arange", "eye", "linspace")
 _FACTORY_KWARGS = frozenset({"dtype", "layout", "device", "requires_grad"})
 
 
-def factory_problem(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str | None:
+def factory_problem(fn: object, kwargs: dict[str, Any]) -> str | None:
     """Why a call of ``fn`` cannot be stored or rebuilt, if it is a factory with a keyword
     that could leave tensor maths: a device that is not read from a tensor (``x.device``) would
     let a description allocate on a real device while morphcli sizes the graph on meta."""

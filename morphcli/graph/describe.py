@@ -131,8 +131,9 @@ def check_layer(path: str, m: nn.Module) -> None:
     or disagree with its weight's shape), and tracing, rules and writers all read these.
     Layers of classes outside the allowlist (user code, loaded with --trust) are not checked.
     """
-    if (allowlist.module_type_name(m) not in allowlist.module_types()
-            or isinstance(m, _CONTAINERS) or not _checkable(type(m))):
+    type_name = allowlist.module_type_name(m)
+    if (type_name not in allowlist.module_types()
+            or isinstance(m, _CONTAINERS) or not _checkable(type_name)):
         return
     what = f"layer {path!r} ({type(m).__name__})"
     ref = _build_module(path, _describe_module(path, m))
@@ -150,10 +151,12 @@ def check_layer(path: str, m: nn.Module) -> None:
 
 
 @functools.cache
-def _checkable(cls: type[nn.Module]) -> bool:
-    """Whether healthy layers of ``cls`` describe and rebuild, tried once on a small one (built
-    on the meta device, 2 for every required argument). Classes a description cannot hold
-    (LSTM, TransformerEncoderLayer) are not checked, rather than refused."""
+def _checkable(type_name: str) -> bool:
+    """Whether healthy layers of the allowlisted class ``type_name`` describe and rebuild,
+    tried once on a small one (built on the meta device, 2 for every required argument).
+    Classes a description cannot hold (LSTM, TransformerEncoderLayer) are not checked, rather
+    than refused. (Keyed by name: mypy takes torch's classes for unhashable.)"""
+    cls = allowlist.module_types()[type_name]
     required = [p for name, p in inspect.signature(cls.__init__).parameters.items()
                 if name != "self" and p.default is p.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -331,8 +334,8 @@ def _rebuild(desc: Any, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
     _load_tensors(root, tensors)
     graph = _build_graph(desc.get("nodes"), root)
     name = desc.get("class_name")  # only a label (the class's __name__): a bad one is replaced
-    gm = fx.GraphModule(root, graph, class_name=name if names.identifier_problem(name) is None
-                        else "Model")
+    label = name if isinstance(name, str) and names.identifier_problem(name) is None else "Model"
+    gm = fx.GraphModule(root, graph, class_name=label)
     gm.eval()
     called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     unused = {p: root.get_submodule(p) for p in desc["modules"] if p not in called}
@@ -360,7 +363,8 @@ def _checked_path(path: Any, what: str = "layer path") -> str:
 def _build_module(path: str, spec: Any) -> nn.Module:
     if not isinstance(spec, dict):
         raise InputError(f"architecture description: layer {path!r} is malformed")
-    cls = allowlist.module_types().get(spec.get("type"))
+    type_name = spec.get("type")
+    cls = allowlist.module_types().get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise InputError(
             f"layer {path!r} has type {spec.get('type')!r}, which is not an allowlisted layer type"
@@ -422,7 +426,7 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
             raise InputError("architecture description: malformed node")
         op, name, target = d.get("op"), d.get("name"), d.get("target")
         problem = "is used twice" if name in env else names.node_name_problem(name)
-        if problem:
+        if problem or not isinstance(name, str):  # (node_name_problem refuses non-strings)
             raise InputError(
                 f"architecture description: bad or repeated node name {name!r:.80}: {problem}")
         args = _decode(d.get("args", {"tuple": []}), env)
@@ -442,7 +446,8 @@ def _build_graph(nodes: Any, root: nn.Module) -> fx.Graph:
             _require_module(root, target, name)
             node = graph.call_module(_checked_path(target), args, kwargs)
         elif op == "call_function":
-            fn = functions.get(target) or allowlist.library_function(target)
+            fn = (functions.get(target) if isinstance(target, str) else None
+                  ) or allowlist.library_function(target)
             if fn is None:
                 raise InputError(f"node {name!r} calls {target!r}, which is not allowlisted")
             if target == "builtins.getattr" and (

@@ -69,7 +69,8 @@ def find_layer(gm: fx.GraphModule, name: str) -> list[Layer]:
             f"layer {name!r} is not used by the traced graph (in eval mode, as an auxiliary "
             "head is not), so no morph of it can be checked; it is carried into the output "
             "unchanged")
-    names = sorted({la.node.target if la.module is not None else la.name for la in all_layers})
+    names = sorted({str(la.node.target) if la.module is not None else la.name
+                    for la in all_layers})
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     if not close:
         close = [n for n in names if name in n][:3]

@@ -171,7 +171,7 @@ class _Pass:
     def _args(self, node: fx.Node, real: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The node's arguments, tensors as fresh stand-ins (in-place ops may change them): on
         the meta device, or ``real`` zeros."""
-        return map_arg((node.args, node.kwargs),  # type: ignore[return-value]
+        return map_arg((node.args, node.kwargs),
                        lambda n: self._stand_in(n, real))
 
     def _stand_in(self, node: fx.Node, real: bool) -> Any:
@@ -361,9 +361,9 @@ class _GuardedShapeProp(ShapeProp):
                 pass  # the node needs real values: count what it made after running it
         real = super().run_node(n)
         if not sized:
-            args = [self.env.get(a) for a in n.all_input_nodes]
+            inputs = [self.env.get(a) for a in n.all_input_nodes]
             _account(self.tally, self.module, n, real,
-                     [(t, a) for t, a in zip(args, n.all_input_nodes, strict=True)
+                     [(t, a) for t, a in zip(inputs, n.all_input_nodes, strict=True)
                       if isinstance(t, torch.Tensor)], ins)
         return real
 
@@ -472,7 +472,7 @@ def _max_pool(m: nn.MaxPool2d, x: TensorMetadata) -> TensorMetadata:
 
 
 def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _pooled(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:

@@ -249,7 +249,7 @@ class _LatchedWriter(io.RawIOBase):
     def tell(self) -> int:
         return int(self.f.tell())
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         if self.error is None and not _held:
             try:
                 self.f.write(data)

@@ -27,7 +27,7 @@ def read_bounded(stream: BinaryIO, what: str,
         if not chunk:
             break
         buf.write(chunk)
-        if not checked and buf.tell() >= 64 * 1024:
+        if accept is not None and not checked and buf.tell() >= 64 * 1024:
             checked = True
             if not accept(buf.getbuffer()[: 64 * 1024].tobytes()):
                 break

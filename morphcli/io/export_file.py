@@ -44,7 +44,7 @@ class ExportError(InputError):
 def write_pt2(gm: fx.GraphModule, dest: Path) -> None:
     program = _export_program(gm)
     with dest.open("wb") as f, latched(f) as safe:
-        torch.export.save(program, safe,  # type: ignore[arg-type]
+        torch.export.save(program, safe,
                           extra_files={PT2_EXTRA: json.dumps(describe(gm))})
 
 
@@ -179,13 +179,17 @@ def _onnx_proto(gm: fx.GraphModule, args: tuple[torch.Tensor, ...], specs: Seque
             program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=dynamic,
                                         input_names=names, opset_version=ONNX_OPSET,
                                         external_data=False, verbose=False)
+        if program is None:  # only None when given a file to write, which it is not here
+            raise ExportError("the exporter returned no program")
         return program.model_proto
     except Exception as e:
         errors.append(f"torch.export-based exporter: {_reason(e)}")
     try:
         buf = io.BytesIO()
         with _quiet():
-            torch.onnx.export(gm, args, buf, dynamo=False, input_names=names,
+            # (torch's stub says a path; the TorchScript exporter writes to any binary file)
+            torch.onnx.export(gm, args, buf, dynamo=False,  # type: ignore[arg-type]
+                              input_names=names,
                               dynamic_axes={n: {0: "batch"}
                                             for n, s in zip(names, specs, strict=True) if s.shape},
                               opset_version=ONNX_OPSET)

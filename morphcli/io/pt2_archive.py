@@ -254,7 +254,7 @@ class _Reader:
         tm = meta.get("tensor_meta")
         if not isinstance(tm, dict):
             raise InputError(f"{where}: no tensor_meta")
-        dtype = _SERIALIZE_TO_TORCH_DTYPE.get(tm.get("dtype"))  # type: ignore[call-overload]
+        dtype = _SERIALIZE_TO_TORCH_DTYPE.get(tm.get("dtype"))
         if dtype is None:
             raise InputError(f"{where}: unknown dtype code {tm.get('dtype')!r}")
         if tm.get("layout", 7) != 7:

@@ -139,7 +139,7 @@ def _same_tensor(t: torch.Tensor, layout: torch.Tensor, start: int, read_into: R
     if (t.dtype != layout.dtype or t.shape != layout.shape or t.is_meta
             or not layout.is_contiguous()):
         return False
-    start += layout.storage_offset() * layout.element_size()
+    start += int(layout.storage_offset()) * layout.element_size()
     expected = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     for offset, size in _chunks(expected.numel()):
         if read_into(buf, start + offset, size) != size:

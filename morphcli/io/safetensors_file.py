@@ -104,7 +104,7 @@ def _stream(tensors: dict[str, torch.Tensor], metadata: dict[str, str], f: Binar
     for k in order:
         t = tensors[k].detach().contiguous()
         if t.numel():
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def to_bytes(gm: fx.GraphModule) -> bytes:

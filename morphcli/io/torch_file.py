@@ -189,7 +189,7 @@ def _unsafe_globals(data: BinaryIO | Path, e: Exception) -> list[str]:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(data))
         else:
             data.seek(0)
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(data)  # type: ignore[arg-type]
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(data)
     except Exception:
         names = []
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()
