@@ -168,7 +168,8 @@ def _widened_resnet10() -> nn.Module:
     return m
 
 
-def test_optimizer_state_of_changed_parameters_refused_then_dropped(tmp_path: Path) -> None:
+def test_optimizer_state_follows_a_widen_and_is_refused_where_no_map_applies(
+        tmp_path: Path) -> None:
     model, opt, sched = _trained("adam")
     src = tmp_path / "train.pt"
     user = {"note": "run 7", "best": 0.5, "history": [1.0, 0.7]}
@@ -177,27 +178,28 @@ def test_optimizer_state_of_changed_parameters_refused_then_dropped(tmp_path: Pa
     torch.save(ckpt, src)
     out = tmp_path / "wide.pt"
     code, _, stderr = invoke("widen", src, "layer1.0.conv1", "--by", "8", *ARCH, "-o", out)
-    assert code == 2
-    assert_one_error_line(stderr, "entry 'optimizer'", "exp_avg", "layer1.0.conv1.weight",
-                          "--drop-optimizer-state")
-    assert not out.exists()
-    code, _, stderr = invoke("widen", src, "layer1.0.conv1", "--by", "8", *ARCH, "-o", out,
-                             "--drop-optimizer-state")
     assert code == 0, stderr
     written = torch.load(out, weights_only=True)
     assert set(written) == {*ckpt, "morphcli_architecture"}
     assert written["epoch"] == 3 and written["step"] == 100 and written["user"] == user
     assert written["scheduler"] == ckpt["scheduler"]
-    # The optimizer: param_groups as they were, the state of the 4 changed parameters gone,
-    # every other parameter's state bit for bit.
+    # The optimizer: param_groups as they were; the 4 resized parameters' moments resized
+    # (old units' state as it was, the 8 new units' state zero), every other one bit for bit.
     old, new = ckpt["optimizer"], written["optimizer"]
     assert new["param_groups"] == old["param_groups"]
     names = _param_names(model)
-    dropped = {names.index(n) for n in WIDENED}
-    assert set(new["state"]) == set(old["state"]) - dropped and len(dropped) == 4
+    resized = {names.index(n): n for n in WIDENED}
+    assert set(new["state"]) == set(old["state"]) and len(resized) == 4
     for pid, state in new["state"].items():
         for k, v in state.items():
-            assert torch.equal(v, old["state"][pid][k]), (pid, k)
+            was = old["state"][pid][k]
+            if pid not in resized or v.dim() == 0:
+                assert torch.equal(v, was), (pid, k)
+                continue
+            axis = 1 if resized[pid] == "layer1.0.conv2.weight" else 0
+            assert v.shape[axis] == 72 and was.shape[axis] == 64, (pid, k)
+            assert torch.equal(v.narrow(axis, 0, 64), was), (pid, k)
+            assert not v.narrow(axis, 64, 8).any(), (pid, k)
     # The model entry loads (strict) into a fresh resnet18 grown the same way: same function.
     grown = _widened_resnet10()
     grown.load_state_dict(written["model"], strict=True)
@@ -212,6 +214,20 @@ def test_optimizer_state_of_changed_parameters_refused_then_dropped(tmp_path: Pa
     opt2.step()
     assert all(torch.isfinite(p).all() for p in again.parameters())
 
+    # A decomposing deepen gives layer1.0.conv1 new values that no channel map expresses:
+    # its state cannot follow, refused naming it, then dropped on request.
+    deep = tmp_path / "deep.pt"
+    args = ("deepen", src, "--after", "layer1.0.conv1", "--init", "decompose", *ARCH, "-o", deep)
+    code, _, stderr = invoke(*args)
+    assert code == 2
+    assert_one_error_line(stderr, "entry 'optimizer'", "exp_avg", "layer1.0.conv1.weight",
+                          "--drop-optimizer-state")
+    assert not deep.exists()
+    code, _, stderr = invoke(*args, "--drop-optimizer-state")
+    assert code == 0, stderr
+    kept = torch.load(deep, weights_only=True)["optimizer"]
+    assert len(kept["state"]) == len(old["state"]) - 1
+    assert len([i for g in kept["param_groups"] for i in g["params"]]) == len(names) + 2
 
 def test_deepen_keeps_every_optimizer_state_renumbered(tmp_path: Path) -> None:
     import morphcli

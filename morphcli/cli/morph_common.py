@@ -73,7 +73,8 @@ def run_morph_command(
     from morphcli.io import training
 
     if Path(dest).suffix.lower() in training.KEEPS_ENTRIES:  # checkpoint entries written back
-        result.notes += training.follow_morph(new, drop_optimizer_state=drop_optimizer_state,
+        result.notes += training.follow_morph(new, result.plan,
+                                              drop_optimizer_state=drop_optimizer_state,
                                               source=model)
     elif training.of(new) is not None:
         result.notes.append(training.unkept_note(new, Path(dest).suffix))

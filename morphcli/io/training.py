@@ -6,11 +6,15 @@ Lightning's ``state_dict`` with its ``model.`` prefix is found too) and written 
 kind of dict: the model state morphed, every other entry kept, and an entry
 ``morphcli_architecture`` (plain JSON) so that morph can read the result without ``--arch``.
 
-Optimizer state cannot follow a morph yet (it needs the resize plan of issue 12): per-parameter
-state of a parameter the morph changes is refused, or dropped with ``--drop-optimizer-state``
-(``param_groups`` kept). Unchanged parameters keep their state; parameter ids are renumbered
+Optimizer state follows the morph's resize plan (``morphs.plan``): per-parameter tensors shaped
+like a resized parameter (Adam's moments, SGD's momentum buffer) are resized with the same
+channel maps (new units zero state, copies copied, divided units divided like the weights);
+scalars (``step``) are kept. State the plan cannot map (a parameter replaced by new values, a
+layer resized by a rule registered from outside, state of another shape) is refused naming it,
+or dropped with ``--drop-optimizer-state`` (``param_groups`` kept). Parameter ids are renumbered
 to the morphed model's parameter order (``morphcli.load(OUTPUT).parameters()``), new parameters
-joining the group of the parameter before them.
+(which get no state, as PyTorch's optimizers start them) joining the group of the parameter
+before them: the layer they were inserted after.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 import torch.fx as fx
 
 from morphcli.errors import InputError
+from morphcli.morphs.plan import ResizePlan, replay
+from morphcli.rules.channel_map import follow
 
 TRAINING_META = "morphcli.training"
 ARCH_ENTRY = "morphcli_architecture"
@@ -125,41 +131,104 @@ def of(gm: fx.GraphModule) -> TrainingCheckpoint | None:
 # ---------------------------------------------------------------- after the morph
 
 
-def follow_morph(new: fx.GraphModule, *, drop_optimizer_state: bool = False,
+def follow_morph(new: fx.GraphModule, plan: ResizePlan | None = None, *,
+                 drop_optimizer_state: bool = False,
                  source: str = "the checkpoint") -> list[str]:
-    """Carry the other entries of ``new``'s training checkpoint over the morph: raises
-    InputError when optimizer state of a changed parameter would be lost (unless
-    ``drop_optimizer_state``); returns notes saying what was kept and dropped."""
+    """Carry the other entries of ``new``'s training checkpoint over the morph, optimizer
+    state through ``plan``: raises InputError when optimizer state would be lost (unless
+    ``drop_optimizer_state``); returns notes saying what was kept, mapped and dropped."""
     training = of(new)
     if training is None:
         return []
     new_order = _param_names(new)
-    changed = _changed(training.original, new, training.param_order)
     entries = dict(training.entries)
     notes: list[str] = []
     for where, opt, put in _optimizers(entries):
-        lost = _lost(opt, training.param_order, changed)
-        if lost and not drop_optimizer_state:
-            names = sorted({n for n, _ in lost})
-            kinds = sorted({k for _, ks in lost for k in ks})
-            raise InputError(
-                f"{source}: the optimizer state in {where} holds per-parameter state "
-                f"({', '.join(kinds)}) of {len(names)} parameters the morph changes "
-                f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); it cannot "
-                "follow a morph yet and would be lost. Pass --drop-optimizer-state to drop "
-                "the state of just those parameters (param_groups and every other entry are "
-                "kept), or write a model file without the checkpoint (.safetensors)")
-        put(_renumbered(opt, training.param_order, new_order, {n for n, _ in lost}))
-        if lost:
-            notes.append(f"{where}: dropped the optimizer state of {len(lost)} changed "
-                         f"parameters ({', '.join(sorted(n for n, _ in lost)[:4])}"
-                         f"{' ...' if len(lost) > 4 else ''}); param_groups kept")
+        mapped, note = follow_optimizer(opt, training.original, new, training.param_order,
+                                        new_order, plan, where=where, source=source,
+                                        drop=drop_optimizer_state)
+        put(mapped)
+        notes += note
     kept = [k for k in entries if k not in (training.key, ARCH_ENTRY)]
     if kept:
         notes.append(f"training checkpoint: entry {training.key!r} morphed; kept "
                      f"{', '.join(map(str, kept[:8]))}{' ...' if len(kept) > 8 else ''}")
     new.meta[TRAINING_META] = replace(training, entries=entries, notes=notes)
     return notes
+
+
+def follow_optimizer(opt: dict, original: Mapping[str, torch.Tensor], new: torch.nn.Module,
+                     old_order: list[str], new_order: list[str], plan: ResizePlan | None, *,
+                     where: str = "the optimizer", source: str = "the model",
+                     drop: bool = False) -> tuple[dict, list[str]]:
+    """An optimizer ``state_dict`` whose ids count ``old_order`` (the parameters before the
+    morph, ``original`` their values), carried to the morphed ``new`` whose parameters are
+    ``new_order``: state resized through ``plan``; raises InputError for state the plan cannot
+    map unless ``drop``. Returns it with notes."""
+    changed = _changed(original, new, old_order)
+    state_by_name, unmapped = _through_plan(opt, old_order, changed, plan, new)
+    notes: list[str] = []
+    lost = _lost(opt, old_order, unmapped)
+    if lost and not drop:
+        names = sorted({n for n, _ in lost})
+        kinds = sorted({k for _, ks in lost for k in ks})
+        raise InputError(
+            f"{source}: the optimizer state in {where} holds per-parameter state "
+            f"({', '.join(kinds)}) of {len(names)} parameters that the morph gives new "
+            f"values no channel map expresses ({', '.join(names[:4])}"
+            f"{' ...' if len(names) > 4 else ''}), so it cannot follow and would be "
+            "lost. Pass --drop-optimizer-state to drop the state of just those parameters "
+            "(param_groups and every other entry are kept), or write a model file "
+            "without the checkpoint (.safetensors)")
+    out = _renumbered(opt, old_order, new_order, {n for n, _ in lost}, state_by_name)
+    if lost:
+        notes.append(f"{where}: dropped the optimizer state of {len(lost)} changed "
+                     f"parameters ({', '.join(sorted(n for n, _ in lost)[:4])}"
+                     f"{' ...' if len(lost) > 4 else ''}); param_groups kept")
+    resized = sorted(changed - unmapped)
+    if resized and any(n in state_by_name for n in resized):
+        notes.append(f"{where}: the optimizer state of {len(resized)} resized parameters "
+                     "follows the resize plan (new units start at zero state)")
+    return out, notes
+
+
+def _through_plan(opt: dict, order: list[str], changed: set[str], plan: ResizePlan | None,
+                  new: torch.nn.Module) -> tuple[dict[str, Any], set[str]]:
+    """(parameter name -> its state, resized through ``plan``; the changed parameters whose
+    state the plan cannot map)."""
+    names = _id_names(opt, order)
+    by_name = {names[pid]: s for pid, s in opt["state"].items() if names.get(pid) is not None}
+    if plan is None or not changed:
+        return by_name, set(changed)
+    out = {n: dict(s) if isinstance(s, dict) else s for n, s in by_name.items()}
+    shapes = {n: tuple(t.shape) for n, t in new.state_dict().items()}
+    for layer in plan.layers:
+        if not layer.replayable:
+            continue
+        params = {n: p for n, p in layer.old.named_parameters()}
+        kinds = {k for n in params for k, v in _state_of(by_name, f"{layer.path}.{n}").items()
+                 if isinstance(v, torch.Tensor) and v.shape == params[n].shape and v.dim()}
+        for kind in kinds:
+            given = {n: by_name[f"{layer.path}.{n}"][kind] for n in params
+                     if isinstance(_state_of(by_name, f"{layer.path}.{n}").get(kind),
+                                   torch.Tensor)}
+            for n, value in replay(plan, layer, given).items():
+                if f"{layer.path}.{n}" in out and n in given:
+                    out[f"{layer.path}.{n}"][kind] = value
+    for key, axis, cmap in plan.attrs:
+        for kind, value in _state_of(by_name, key).items():
+            if isinstance(value, torch.Tensor) and value.dim():
+                out[key][kind] = follow(value, axis, cmap)
+    mapped = plan.mapped()
+    unmapped = {n for n in changed if n not in mapped or any(
+        isinstance(v, torch.Tensor) and v.dim() and tuple(v.shape) != shapes.get(n)
+        for v in _state_of(out, n).values())}
+    return out, unmapped
+
+
+def _state_of(by_name: Mapping[str, Any], name: str) -> dict[str, Any]:
+    state = by_name.get(name)
+    return state if isinstance(state, dict) else {}
 
 
 def _param_names(gm: fx.GraphModule) -> list[str]:
@@ -268,18 +337,19 @@ def _lost(opt: dict, order: list[str], changed: set[str]) -> list[tuple[str, lis
 
 
 def _renumbered(opt: dict, old_order: list[str], new_order: list[str],
-                dropped: set[str]) -> dict:
+                dropped: set[str], by_name: dict[str, Any]) -> dict:
     """``opt`` with ids counted in ``new_order`` (new parameters join the group of the
-    parameter before them), without the state of ``dropped``; as it was when nothing moved."""
+    parameter before them), its state ``by_name``, without the state of ``dropped``; as it
+    was when nothing moved."""
     names = _id_names(opt, old_order)
     if None in names.values():  # ids we cannot name: only the dropping applies
         state = {k: v for k, v in opt["state"].items() if f"parameter id {k}" not in dropped}
         return {**opt, "state": state}
     group_of = {names[i]: g for g, group in enumerate(opt["param_groups"])
                 for i in group["params"]}
-    by_name = {names[pid]: s for pid, s in opt["state"].items() if pid in names}
     present = [n for n in new_order if n in group_of or n not in set(old_order)]
-    if present == old_order and not dropped:
+    moved = any(by_name.get(names[pid]) is not s for pid, s in opt["state"].items())
+    if present == old_order and not dropped and not moved:
         return opt  # nothing moved: kept exactly as it was
     groups = [copy.copy(g) for g in opt["param_groups"]]
     for g in groups:

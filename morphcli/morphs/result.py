@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from morphcli.equivalence.report import CheckReport
+from morphcli.morphs.plan import ResizePlan
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class MorphResult:
     check: CheckReport | None = None
     # When an exact morph fails the check: the same check in float64 (runner.check_in_float64).
     float64_check: CheckReport | None = None
+    plan: ResizePlan = field(default_factory=ResizePlan)  # what happened to each tensor
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,7 @@ class MorphResult:
             "exact": self.exact,
             "changes": [asdict(c) for c in self.changes],
             "notes": list(self.notes),
+            "resize_plan": self.plan.to_json(),
             "check": self.check.to_json() if self.check else None,
             "float64_check": self.float64_check.to_json() if self.float64_check else None,
         }

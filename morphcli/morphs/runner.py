@@ -53,6 +53,7 @@ def apply_morph(
     """Run ``morph`` on ``gm`` (left unchanged) and, unless disabled, check the result against
     it. The verdict is in ``result.check``; deciding what to do about it is the caller's."""
     new, result = morph(gm, options)
+    result.plan.complete(gm.state_dict(), new.state_dict())
     kept = carried.note(new)
     if kept:
         result.notes.append(kept)

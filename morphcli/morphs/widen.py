@@ -9,7 +9,7 @@ the function exactly and lets training break the symmetry without noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from morphcli.graph.layers import find_one_layer
 from morphcli.morphs import limits
 from morphcli.morphs.coupling import analyse
 from morphcli.morphs.coupling_plan import Coupling, assign_maps
+from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
 from morphcli.rules import registry
@@ -107,6 +108,9 @@ def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule,
         _check_kernel_size(target, old, opts.kernel)
         grown = grow_kernel(old, opts.kernel)
         replace_module(new, str(target.target), grown)
+        result.plan.layers.append(LayerResize(str(target.target), "kernel", old,
+                                              kernel=opts.kernel,
+                                              changes=constructor_changes(old, grown)))
         result.changes.append(Change("resized", f"{target.target}.weight",
                                      list(old.weight.shape), list(grown.weight.shape),
                                      f"kernel {tuple(old.kernel_size)} -> "
@@ -184,12 +188,16 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         result.notes.append(f"new units are added inside each of the {blocks} channel groups")
     assign_maps(plan, target, root)
     ctx = ResizeContext(opts.init, gen, opts.noise, mirror=group.uniform is not None)
-    for path, new_module, old_module in _resized_layers(gm, plan, ctx):
-        replace_module(gm, path, new_module)
-        result.changes.extend(_diff(path, old_module, new_module))
+    record = result.plan
+    record.init, record.mirror = opts.init, ctx.mirror
+    for entry, new_module in _resized_layers(gm, plan, ctx):
+        replace_module(gm, entry.path, new_module)
+        entry.changes = constructor_changes(entry.old, new_module)
+        record.layers.append(entry)
+        result.changes.extend(_diff(entry.path, entry.old, new_module))
     result.changes.extend(_rewrite_reshapes(plan))
     result.changes.extend(_rewrite_norm_shapes(plan))
-    result.changes.extend(_resize_attrs(gm, plan))
+    result.changes.extend(_resize_attrs(gm, plan, record))
     coupled = [str(p.target) for p in plan.producers if p is not target]
     if coupled:
         result.notes.append(f"widened together with {', '.join(coupled)} (their outputs meet "
@@ -213,8 +221,9 @@ def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: in
     return ChannelMap.replicate(old, width, blocks)
 
 
-def _resized_layers(gm: fx.GraphModule, plan: Coupling, ctx: ResizeContext):
-    """(path, new layer, old layer) for every layer whose weights change."""
+def _resized_layers(gm: fx.GraphModule, plan: Coupling,
+                    ctx: ResizeContext) -> Iterator[tuple[LayerResize, nn.Module]]:
+    """(the resize plan's entry, the new layer) for every layer whose weights change."""
     out_maps = {str(n.target): plan.map_of(n) for n in plan.producers}
     in_maps: dict[str, ChannelMap] = {}
     for node, inp in plan.consumers:
@@ -224,10 +233,13 @@ def _resized_layers(gm: fx.GraphModule, plan: Coupling, ctx: ResizeContext):
         old = gm.get_submodule(path)
         if path in cw_maps:
             rule = registry.lookup("channelwise", old)
-            yield path, rule.resize(old, cw_maps[path], ctx), old
+            entry = LayerResize(path, "channelwise", old, rule, out_map=cw_maps[path])
+            yield entry, rule.resize(old, cw_maps[path], ctx)
             continue
-        rule = registry.lookup("widen_out" if path in out_maps else "widen_in", old)
-        yield path, rule.resize(old, out_maps.get(path), in_maps.get(path), ctx), old
+        kind = "widen_out" if path in out_maps else "widen_in"
+        rule = registry.lookup(kind, old)
+        entry = LayerResize(path, kind, old, rule, out_maps.get(path), in_maps.get(path))
+        yield entry, rule.resize(old, entry.out_map, entry.in_map, ctx)
 
 
 def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
@@ -248,7 +260,7 @@ def _tensors_of(m: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(m.named_parameters()), **dict(m.named_buffers())}
 
 
-def _resize_attrs(gm: fx.GraphModule, plan: Coupling) -> list[Change]:
+def _resize_attrs(gm: fx.GraphModule, plan: Coupling, record: ResizePlan) -> list[Change]:
     """Per-unit tensors read directly by the graph (layer scales) follow the map."""
     changes = []
     for node in plan.attrs:
@@ -256,7 +268,9 @@ def _resize_attrs(gm: fx.GraphModule, plan: Coupling) -> list[Change]:
         *parents, leaf = path.split(".")
         owner = gm.get_submodule(".".join(parents)) if parents else gm
         old = getattr(owner, leaf)
-        value = follow(old, plan.tensors[node][0], plan.map_of(node))
+        axis, cmap = plan.tensors[node][0], plan.map_of(node)
+        record.attrs.append((path, axis, cmap))
+        value = follow(old, axis, cmap)
         if isinstance(old, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
         else:

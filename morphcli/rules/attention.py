@@ -68,7 +68,8 @@ class SelfAttentionRule:
             rows = weight[part * old:(part + 1) * old]
             block = new_weight[part * width:(part + 1) * width]
             block[kept] = rows * scale if part == 0 else rows
-            if part != 1:  # new queries and values are random; new keys stay zero
+            if part != 1 and not getattr(ctx, "state", False):  # new queries and values
+                # are random (their optimizer state zero); new keys stay zero
                 block[fresh] = torch.randn(int(fresh.sum()), width, generator=ctx.gen,
                                            dtype=block.dtype) * std
             if bias is not None and new_bias is not None:

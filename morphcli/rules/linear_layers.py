@@ -31,13 +31,17 @@ class ResizeContext:
     # New units must equal their source going in (a LayerNorm normalises over them), so
     # producers copy rows even for zero init; consumers still follow ``init``.
     mirror: bool = False
+    # Resizing optimizer state shaped like the weights (``morphs.plan.replay``), not the
+    # weights: where the weights get fresh random units, the state gets zeros.
+    state: bool = False
 
     def grown_rows(self, t: torch.Tensor, axis: int, cmap: ChannelMap,
                    is_bias: bool = False) -> torch.Tensor:
         """A producer's ``t`` grown along ``axis`` by ``cmap``: new rows copy their source
         (copy init, or ``mirror``) or are fresh random ones (zero init)."""
         init = COPY if self.mirror else self.init
-        return grow_outputs(t, axis, cmap, init, self.gen, self.noise, is_bias=is_bias)
+        return grow_outputs(t, axis, cmap, init, self.gen, self.noise,
+                            is_bias=is_bias or self.state)
 
 
 def _last(rank: int) -> int:
