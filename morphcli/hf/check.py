@@ -154,7 +154,7 @@ def _parameters_on_meta() -> Iterator[None]:
             module._parameters[name] = type(param)(param.to("meta"),
                                                    requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
