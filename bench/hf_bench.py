@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--after", type=int, default=10, help="block index to insert after")
+    ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
+                    help="mergekit-yaml to compare with, e.g. one in its own venv: "
+                    "python3 -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit, then "
+                    "--mergekit /tmp/mk/bin/mergekit-yaml (default: mergekit-yaml on PATH)")
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     os.environ.update(env)
@@ -98,7 +102,7 @@ def main() -> None:
                   f"model.layers.{after}", "-o", str(root / "morph"), "-q"]
         rows["morph"] = measure(deepen, root / "morph", args.repeat)
         rows["no check"] = measure([*deepen, "--no-check"], root / "morph", args.repeat)
-        merge = shutil.which("mergekit-yaml")
+        merge = args.mergekit
         if merge:
             n_layers = SHAPES[args.shape]["num_hidden_layers"]
             yml = root / "passthrough.yml"
@@ -114,12 +118,13 @@ def main() -> None:
             print(f"{name:>9}: {t:6.1f} s ({t / floor_t:4.2f}x floor)  peak RSS {rss:5.2f} GiB "
                   f"({rss / floor_rss:4.2f}x floor){status}")
         if not merge:
-            print(" mergekit: not installed (pip install mergekit), not compared")
+            print(" mergekit: not installed (pip install mergekit, or --mergekit PATH), "
+                  "not compared")
         f32_gb = 4 * n / 1e9  # the check's float32 model, shared by original and grown
         print(f"   (morph = deepen with its float32 check; 'no check' = --no-check. The "
               f"check holds one float32 copy, {f32_gb:.1f} GB = 2x the bf16 bytes, and runs "
-              "both models: 2 batches of logits and 12 greedy steps each, plus the reloaded "
-              "output once more; the floor holds one shard)")
+              "both models: 2 batches of logits and 12 greedy steps each; the reloaded output "
+              "is compared by its tensors' bytes; the floor holds one shard)")
         t, rss, _ = rows["morph"]
         goals = [("time <= 1.5x floor", t <= 1.5 * floor_t),
                  ("peak RSS <= 1.2x floor", rss <= 1.2 * floor_rss)]

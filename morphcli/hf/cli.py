@@ -136,7 +136,7 @@ def _refuse_field(d: Any, field: str) -> Exception:
 def _morph_command(model: str, kind: str, morph: Any, run: HFRun,
                    check: HFCheckOptions) -> None:
     from morphcli.cli.progress import step
-    from morphcli.hf.check import release_free_memory, reload
+    from morphcli.hf.check import release_free_memory, verify_reload
     from morphcli.hf.directory import load_dir
     from morphcli.hf.morphs import meta_model
     from morphcli.hf.write import check_output_dir, parse_size, staged_dir, write_dir
@@ -177,8 +177,12 @@ def _morph_command(model: str, kind: str, morph: Any, run: HFRun,
             files = write_dir(d, tmp, state, result.config, result.plan, shard_bytes, dtypes)
         if not check.skip:
             release_free_memory()  # the float32 tensors just written and freed
-            with step("reloading with from_pretrained and checking again", quiet=run.quiet):
-                again = _compare(d, original, reload(d, tmp), check)
+            with step("reloading with from_pretrained and comparing it with the checked "
+                      "tensors", quiet=run.quiet):
+                # the morph again, from the input read lazily again: what was checked, in
+                # the stored dtypes (the morph is deterministic: seeded)
+                expected = morph(load_dir(source, run.trust)).state
+                again = verify_reload(d, tmp, result.config, expected)
             _require(again, run.force, "the written directory")
     _report(dest, files, result.plan, verdict, run)
     if any(v is not None and not v.equivalent for v in (verdict, again)):
