@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -180,7 +180,8 @@ def follow_optimizer(opt: dict, original: Mapping[str, torch.Tensor], new: torch
             "lost. Pass --drop-optimizer-state to drop the state of just those parameters "
             "(param_groups and every other entry are kept), or write a model file "
             "without the checkpoint (.safetensors)")
-    out = _renumbered(opt, old_order, new_order, {n for n, _ in lost}, state_by_name)
+    out = _renumbered(opt, old_order, new_order, {n for n, _ in lost}, state_by_name,
+                      original)
     if lost:
         notes.append(f"{where}: dropped the optimizer state of {len(lost)} changed "
                      f"parameters ({', '.join(sorted(n for n, _ in lost)[:4])}"
@@ -197,7 +198,11 @@ def _through_plan(opt: dict, order: list[str], changed: set[str], plan: ResizePl
     """(parameter name -> its state, resized through ``plan``; the changed parameters whose
     state the plan cannot map)."""
     names = _id_names(opt, order)
-    by_name = {names[pid]: s for pid, s in opt["state"].items() if names.get(pid) is not None}
+    by_name: dict[str, Any] = {}
+    for pid, s in opt["state"].items():
+        name = names.get(pid)
+        if name is not None:
+            by_name[name] = s
     if plan is None or not changed:
         return by_name, set(changed)
     out = {n: dict(s) if isinstance(s, dict) else s for n, s in by_name.items()}
@@ -270,7 +275,7 @@ def gm_layer(gm: fx.GraphModule, path: str) -> torch.nn.Module:
     return layers[path] if path in layers else gm.get_submodule(path)
 
 
-def _changed(original: Mapping[str, torch.Tensor], new: fx.GraphModule,
+def _changed(original: Mapping[str, torch.Tensor], new: torch.nn.Module,
              names: list[str]) -> set[str]:
     state = new.state_dict()
     out = set()
@@ -336,19 +341,28 @@ def _lost(opt: dict, order: list[str], changed: set[str]) -> list[tuple[str, lis
     return out
 
 
+def renumbered_names(old_order: list[str], new_order: list[str],
+                     original: Collection[str]) -> list[str]:
+    """The parameters a renumbered optimizer holds, in id order: the morphed model's that it
+    held before or that the morph added (not those it never held, like a frozen backbone)."""
+    held = set(old_order)
+    return [n for n in new_order if n in held or n not in original]
+
+
 def _renumbered(opt: dict, old_order: list[str], new_order: list[str],
-                dropped: set[str], by_name: dict[str, Any]) -> dict:
+                dropped: set[str], by_name: dict[str, Any], original: Collection[str]) -> dict:
     """``opt`` with ids counted in ``new_order`` (new parameters join the group of the
     parameter before them), its state ``by_name``, without the state of ``dropped``; as it
     was when nothing moved."""
     names = _id_names(opt, old_order)
     if None in names.values():  # ids we cannot name: only the dropping applies
-        state = {k: v for k, v in opt["state"].items() if f"parameter id {k}" not in dropped}
-        return {**opt, "state": state}
-    group_of = {names[i]: g for g, group in enumerate(opt["param_groups"])
+        kept = {k: v for k, v in opt["state"].items() if f"parameter id {k}" not in dropped}
+        return {**opt, "state": kept}
+    named = {pid: str(n) for pid, n in names.items()}
+    group_of = {named[i]: g for g, group in enumerate(opt["param_groups"])
                 for i in group["params"]}
-    present = [n for n in new_order if n in group_of or n not in set(old_order)]
-    moved = any(by_name.get(names[pid]) is not s for pid, s in opt["state"].items())
+    present = renumbered_names(old_order, new_order, original)
+    moved = any(by_name.get(named[pid]) is not s for pid, s in opt["state"].items())
     if present == old_order and not dropped and not moved:
         return opt  # nothing moved: kept exactly as it was
     groups = [copy.copy(g) for g in opt["param_groups"]]

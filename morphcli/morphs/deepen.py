@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.optim import Optimizer
 
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, free_name, replace_module, tensor_shape
@@ -32,7 +33,7 @@ from morphcli.modules import (
 )
 from morphcli.morphs import limits
 from morphcli.morphs.result import Change, MorphResult
-from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
+from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
 from morphcli.rules import activations as act_rules
 from morphcli.rules.registry import lookup, supported
 from morphcli.rules.successors import conv_type
@@ -97,8 +98,10 @@ def deepen(
     seed: int = 0,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     check: CheckOptions | None = None,
-) -> tuple[fx.GraphModule, MorphResult]:
-    """Insert an identity layer after ``after``; returns the new model and a checked result.
+    optimizer: Optimizer | None = None,
+) -> Grown:
+    """Insert an identity layer after ``after``; returns the new model and a checked result
+    (with ``optimizer``: the new model, that optimizer carried over, the result).
 
     >>> new, result = morphcli.deepen("sample_models/cnn.pt", after="conv3", norm=True)
     >>> result.check.equivalent
@@ -106,7 +109,7 @@ def deepen(
     """
     gm = as_graph_module(model, input_shapes)
     options = DeepenOptions(after, init, kernel, norm, activation, residual, noise, seed)
-    return apply_morph(deepen_graph, gm, options, check or CheckOptions(seed=seed))
+    return run_api(deepen_graph, model, gm, options, check or CheckOptions(seed=seed), optimizer)
 
 
 def deepen_graph(gm: fx.GraphModule, options: DeepenOptions) -> tuple[fx.GraphModule, MorphResult]:

@@ -7,10 +7,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch.fx as fx
 from torch import nn
+from torch.optim import Optimizer
 
 from morphcli.equivalence.compare import Progress, compare
 from morphcli.equivalence.report import (
@@ -150,3 +151,50 @@ def as_graph_module(model: nn.Module | str | Path,
     return to_graph_module(Checkpoint("model", module=model) if not isinstance(
         model, fx.GraphModule) else Checkpoint("model", graph_module=model),
         input_shapes=input_shapes)
+
+
+# What the Python API's morphs return: with an optimizer given, it comes back carried over.
+Grown: TypeAlias = (
+    "tuple[fx.GraphModule, MorphResult] | tuple[fx.GraphModule, Optimizer, MorphResult]")
+
+
+def run_api(morph: MorphFn, model: Any, gm: fx.GraphModule, options: Any, check: CheckOptions,
+            optimizer: Optimizer | None) -> Any:
+    """The Python API's morph: ``(new model, result)``, or with ``optimizer`` given
+    ``(new model, its optimizer carried over, result)``."""
+    new, result = apply_morph(morph, gm, options, check)
+    if optimizer is None:
+        return new, result
+    return new, carry_optimizer(optimizer, model, gm, new, result), result
+
+
+def carry_optimizer(optimizer: Optimizer, model: Any, gm: fx.GraphModule,
+                    new: fx.GraphModule, result: MorphResult) -> Optimizer:
+    """An optimizer of ``optimizer``'s class and settings over ``new``'s parameters, its state
+    carried through ``result.plan`` (``io.training.follow_optimizer``); ``optimizer`` was built
+    over the parameters of ``model`` (or of ``gm``, the traced model the morph read)."""
+    from morphcli.io.training import follow_optimizer, renumbered_names
+
+    source = model if isinstance(model, nn.Module) else gm
+    names = {id(p): n for n, p in source.named_parameters()}
+    old_order = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+    if None in old_order:
+        raise InputError("the optimizer holds parameters that are not the model's; pass the "
+                         "optimizer built over this model's parameters")
+    known = [n for n in old_order if n is not None]
+    new_params = dict(new.named_parameters())
+    new_order = list(new_params)
+    state, notes = follow_optimizer(optimizer.state_dict(), gm.state_dict(), new, known,
+                                    new_order, result.plan, where="the optimizer",
+                                    source="optimizer=")
+    result.notes += notes
+    ids = dict(enumerate(renumbered_names(known, new_order, gm.state_dict())))
+    groups = [{"params": [new_params[ids[i]] for i in g["params"]]}
+              for g in state["param_groups"]]
+    try:
+        carried = type(optimizer)(groups, **optimizer.defaults)
+        carried.load_state_dict(state)  # the groups' settings and the per-parameter state
+    except (TypeError, ValueError, KeyError) as e:
+        raise InputError(f"cannot rebuild a {type(optimizer).__name__} over the morphed "
+                         f"model's parameters: {e}") from e
+    return carried

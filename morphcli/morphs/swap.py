@@ -21,13 +21,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.optim import Optimizer
 
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, free_name, replace_module
 from morphcli.graph.layers import Layer, find_layer
 from morphcli.modules import ACTIVATIONS, ActivationBlend, make_activation
 from morphcli.morphs.result import Change, MorphResult
-from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
+from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
 from morphcli.rules import activations as act_rules
 from morphcli.rules.registry import supported
 
@@ -58,16 +59,18 @@ def swap(
     seed: int = 0,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
     check: CheckOptions | None = None,
-) -> tuple[fx.GraphModule, MorphResult]:
-    """Swap activation ``layer`` to ``to``; returns the new model and a checked result.
+    optimizer: Optimizer | None = None,
+) -> Grown:
+    """Swap activation ``layer`` to ``to``; returns the new model and a checked result
+    (with ``optimizer``: the new model, that optimizer carried over, the result).
 
     >>> new, result = morphcli.swap("sample_models/cnn.pt", "relu", to="gelu")
     >>> [c.name for c in result.changes if c.action == "replaced"][:2]
     ['relu@1', 'relu@2']
     """
     gm = as_graph_module(model, input_shapes)
-    return apply_morph(swap_graph, gm, SwapOptions(layer, to, approx),
-                       check or CheckOptions(seed=seed))
+    return run_api(swap_graph, model, gm, SwapOptions(layer, to, approx),
+                   check or CheckOptions(seed=seed), optimizer)
 
 
 def swap_graph(gm: fx.GraphModule, options: SwapOptions) -> tuple[fx.GraphModule, MorphResult]:

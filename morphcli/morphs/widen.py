@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.optim import Optimizer
 
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_shape
@@ -25,7 +26,7 @@ from morphcli.morphs.coupling import analyse
 from morphcli.morphs.coupling_plan import Coupling, assign_maps
 from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes
 from morphcli.morphs.result import Change, MorphResult
-from morphcli.morphs.runner import CheckOptions, apply_morph, as_graph_module
+from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
 from morphcli.rules import registry
 from morphcli.rules.channel_map import COPY, ZERO, ChannelMap, follow
 from morphcli.rules.linear_layers import ResizeContext, grow_kernel
@@ -62,8 +63,10 @@ def widen(
     seed: int = 0,
     check: bool | CheckOptions = True,
     input_shapes: Sequence[tuple[int, ...]] | None = None,
-) -> tuple[fx.GraphModule, MorphResult]:
-    """Widen ``layer`` (and everything coupled to it); returns the new model and the record.
+    optimizer: Optimizer | None = None,
+) -> Grown:
+    """Widen ``layer`` (and everything coupled to it); returns the new model and the record
+    (with ``optimizer``: the new model, that optimizer carried over, the record).
 
     >>> wide, result = morphcli.widen("sample_models/cnn.pt", "conv2", factor=2)
     >>> result.check.equivalent
@@ -73,7 +76,7 @@ def widen(
     options = WidenOptions(layer, to, by, factor, init, noise, kernel, seed)
     checking = (check if isinstance(check, CheckOptions)
                 else CheckOptions(enabled=bool(check), seed=seed))
-    return apply_morph(widen_graph, gm, options, checking)
+    return run_api(widen_graph, model, gm, options, checking, optimizer)
 
 
 def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule, MorphResult]:
