@@ -112,17 +112,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, data: Data,
 def grow(kind: str, model: nn.Module, opt: torch.optim.Optimizer, **kwargs):
     """morphcli.widen / morphcli.deepen with the optimizer carried over."""
     morph = getattr(morphcli, kind)
-    try:
-        return morph(model, optimizer=opt, input_shapes=INPUT, **kwargs)
-    # --- FALLBACK (delete once morphcli has optimizer=): a fresh optimizer, state not carried.
-    except TypeError as e:
-        if "optimizer" not in str(e):
-            raise
-        print("warning: optimizer state not carried (morphcli lacks optimizer=)")
-        new, result = morph(model, input_shapes=INPUT, **kwargs)
-        settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
-        return new, type(opt)(new.parameters(), **settings), result
-    # --- END FALLBACK
+    return morph(model, optimizer=opt, input_shapes=INPUT, **kwargs)
 
 
 def morph_point(kind: str, label: str, model: nn.Module, opt: torch.optim.Optimizer,

@@ -73,7 +73,11 @@ def test_state_dict_keeps_its_dtype(resnet: nn.Module, dtype: torch.dtype,
     doc = json.loads(stdout)
     check_dtype = "float64" if dtype == torch.float64 else "float32"
     assert doc["plan"]["check"]["dtype"] == check_dtype
-    assert doc["plan"]["check"]["max_abs"] == 0.0  # zero-init widen: exact in any dtype
+    if dtype == torch.float64:  # float64 convolutions sum 72 channels in another order than
+        # 64 on some CPUs (the 8 new zero columns change the blocking): round-off, not bits
+        assert doc["plan"]["check"]["max_rel"] <= 1e-13
+    else:  # zero-init widen, checked in float32: bit-exact
+        assert doc["plan"]["check"]["max_abs"] == 0.0
     if dtype != torch.float64:
         assert f"checked in float32: the {str(dtype)[6:]} weights" in doc["plan"]["check"][
             "notes"][0]
