@@ -12,10 +12,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.optim import Optimizer
 
 from morphcli.errors import InputError, UnsupportedMorphError
@@ -110,6 +112,7 @@ def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule,
         old = new.get_submodule(str(target.target))
         _check_kernel_size(target, old, opts.kernel)
         grown = grow_kernel(old, opts.kernel)
+        assert isinstance(old, _ConvNd) and isinstance(grown, _ConvNd)  # (or refused)
         replace_module(new, str(target.target), grown)
         result.plan.layers.append(LayerResize(str(target.target), "kernel", old,
                                               kernel=opts.kernel,
@@ -231,18 +234,29 @@ def _resized_layers(gm: fx.GraphModule, plan: Coupling,
     in_maps: dict[str, ChannelMap] = {}
     for node, inp in plan.consumers:
         in_maps[str(node.target)] = plan.map_of(inp)
-    cw_maps = {str(n.target): plan.map_of(n.args[0]) for n in plan.channelwise}
+    cw_maps = {str(n.target): plan.map_of(_node(n.args[0])) for n in plan.channelwise}
     for path in dict.fromkeys([*out_maps, *in_maps, *cw_maps]):
         old = gm.get_submodule(path)
         if path in cw_maps:
-            rule = registry.lookup("channelwise", old)
+            rule = _rule("channelwise", old)
             entry = LayerResize(path, "channelwise", old, rule, out_map=cw_maps[path])
             yield entry, rule.resize(old, cw_maps[path], ctx)
             continue
         kind = "widen_out" if path in out_maps else "widen_in"
-        rule = registry.lookup(kind, old)
+        rule = _rule(kind, old)
         entry = LayerResize(path, kind, old, rule, out_maps.get(path), in_maps.get(path))
         yield entry, rule.resize(old, entry.out_map, entry.in_map, ctx)
+
+
+def _rule(kind: str, layer: nn.Module) -> Any:
+    rule = registry.lookup(kind, layer)
+    assert rule is not None  # the walk records only layers that have a rule of this kind
+    return rule
+
+
+def _node(arg: Any) -> fx.Node:
+    assert isinstance(arg, fx.Node)  # a channelwise layer's input is a tensor of the graph
+    return arg
 
 
 def _diff(path: str, old: nn.Module, new: nn.Module) -> list[Change]:
@@ -307,8 +321,9 @@ def _rewrite_reshapes(plan: Coupling) -> list[Change]:
         old_size = (tensor_shape(node) or ())[dim]
         new_size = plan.map_of(node).width
         args = list(node.args)
-        packed = len(args) == 2 and isinstance(args[1], (tuple, list))
-        sizes = list(args[1]) if packed else args[1:]
+        second = args[1] if len(args) == 2 else None
+        packed = isinstance(second, (tuple, list))
+        sizes: list[Any] = list(second) if isinstance(second, (tuple, list)) else args[1:]
         if dim >= len(sizes):
             raise UnsupportedMorphError(f"cannot widen: cannot read the sizes of {node.name!r}")
         value = sizes[dim]
@@ -321,7 +336,10 @@ def _rewrite_reshapes(plan: Coupling) -> list[Change]:
         if value != old_size:
             raise UnsupportedMorphError(f"cannot widen: unexpected size {value} in {node.name!r}")
         sizes[dim] = new_size
-        node.args = (args[0], type(args[1])(sizes)) if packed else (args[0], *sizes)
+        if packed:
+            node.args = (args[0], tuple(sizes) if isinstance(second, tuple) else sizes)
+        else:
+            node.args = (args[0], *sizes)
         changes.append(Change("rewired", node.name, str(old_size), str(new_size),
                               f"{node.target} size constant"))
     return changes

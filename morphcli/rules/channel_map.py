@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -120,7 +121,10 @@ def follow(t: torch.Tensor, axis: int, cmap: ChannelMap) -> torch.Tensor:
     return t.detach().index_select(axis, cmap.src)
 
 
-def shallow_copy(m: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def shallow_copy(m: M) -> M:
     """A new module object whose parameter and buffer tables can be replaced without touching
     ``m`` (which the original model still uses)."""
     new = copy.copy(m)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from morphcli.rules.channel_map import (
     COPY,
@@ -113,7 +114,7 @@ class ConvRule:
     why_not_in = why_not_out
 
     @staticmethod
-    def resize(m: nn.Module, out_map: ChannelMap | None, in_map: ChannelMap | None,
+    def resize(m: _ConvNd, out_map: ChannelMap | None, in_map: ChannelMap | None,
                ctx: ResizeContext) -> nn.Module:
         transposed = isinstance(m, _CONV_T)
         out_axis, in_axis = (1, 0) if transposed else (0, 1)
@@ -167,7 +168,7 @@ class DepthwiseConvRule:
         return is_depthwise(m)
 
     @staticmethod
-    def resize(m: nn.Module, cmap: ChannelMap, ctx: ResizeContext) -> nn.Module:
+    def resize(m: _ConvNd, cmap: ChannelMap, ctx: ResizeContext) -> nn.Module:
         new = shallow_copy(m)
         set_param(new, "weight", follow(m.weight, 0, cmap))
         if m.bias is not None:
