@@ -155,3 +155,24 @@ def test_an_optimizer_over_other_parameters_is_refused() -> None:
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(morphcli.MorphError, match="not the model's"):
         morphcli.widen(net, "conv2", by=4, optimizer=other, input_shapes=[(1, 3, 12, 12)])
+
+
+def test_the_python_api_carries_a_training_checkpoints_optimizer_too(tmp_path: Path) -> None:
+    """Morphing a loaded training checkpoint through the API and saving it writes the optimizer
+    entry resized, as the CLI does (not the stale state of the smaller model)."""
+    net, opt = _trained("adam")
+    src, out = tmp_path / "train.pt", tmp_path / "wide.pt"
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}, src)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))  # --arch names this test module
+    gm = morphcli.load(src, arch="test_optimizer_state:_Net", input_shapes=[(1, 3, 12, 12)])
+    grown, result = morphcli.widen(gm, "conv2", by=4)
+    assert any("follows the resize plan" in n for n in result.notes)
+    morphcli.save(grown, out)
+    written = torch.load(out, weights_only=True)
+    assert written["epoch"] == 3
+    again = morphcli.load(out)
+    again_opt = torch.optim.Adam(again.parameters(), lr=1e-2, weight_decay=1e-3)
+    again_opt.load_state_dict(written["optimizer"])
+    _compare_one_step(net, opt, again.eval(), again_opt)

@@ -70,14 +70,10 @@ def run_morph_command(
     what = f"{kind} and check on {check.samples} samples" if check.enabled else kind
     with step(what, quiet=quiet, total=check.samples if check.enabled else None) as update:
         new, result = apply_morph(morph, gm, options, replace(check, progress=update))
-    from morphcli.io import training
+    from morphcli.morphs.flow import follow_entries, may_write
 
-    if Path(dest).suffix.lower() in training.KEEPS_ENTRIES:  # checkpoint entries written back
-        result.notes += training.follow_morph(new, result.plan,
-                                              drop_optimizer_state=drop_optimizer_state,
-                                              source=model)
-    elif training.of(new) is not None:
-        result.notes.append(training.unkept_note(new, Path(dest).suffix))
+    follow_entries(new, result, suffix=Path(dest).suffix,
+                   drop_optimizer_state=drop_optimizer_state, source=model)
     doc: dict[str, Any] = {"plan": result.to_json(), "output": None}
     if dry_run:
         _report(result, quiet or as_json, plan_only=True)
@@ -85,8 +81,8 @@ def run_morph_command(
             print_json(doc)
         return
     _report(result, quiet or as_json)
-    failed = result.check is not None and not result.check.equivalent
-    if failed and not force:
+    failed = not may_write(result, force=False)
+    if not may_write(result, force):
         if as_json:
             print_json(doc)
         err.print(_not_equivalent_message(result), markup=False, highlight=False)

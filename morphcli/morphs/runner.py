@@ -162,7 +162,10 @@ def run_api(morph: MorphFn, model: Any, gm: fx.GraphModule, options: Any, check:
             optimizer: Optimizer | None) -> Any:
     """The Python API's morph: ``(new model, result)``, or with ``optimizer`` given
     ``(new model, its optimizer carried over, result)``."""
+    from morphcli.morphs.flow import follow_entries
+
     new, result = apply_morph(morph, gm, options, check)
+    follow_entries(new, result)  # a training checkpoint's optimizer entry, as the CLI does
     if optimizer is None:
         return new, result
     return new, carry_optimizer(optimizer, model, gm, new, result), result
