@@ -6,8 +6,9 @@ copies are divided); per-unit tensors the graph reads directly (layer scales); k
 and, filled after any morph by comparing the models' states, the tensors added, removed and
 replaced by values no map expresses (a decomposed layer, a swapped activation's parameters).
 
-``replay`` applies a layer's entry to tensors shaped like its parameters: that is how the
-optimizer state (Adam moments, momentum buffers) follows the weights (``io.training``). New
+A widen builds the plan first; ``resize_layer`` is the one function that applies an entry, to
+the layer's weights and, through ``replay``, to tensors shaped like its parameters: that is how
+the optimizer state (Adam moments, momentum buffers) follows the weights (``io.training``). New
 units get zero state, copied units copy it, divided units are divided like the weights.
 """
 
@@ -16,12 +17,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from morphcli.rules.channel_map import ZERO, ChannelMap
+
+if TYPE_CHECKING:
+    from morphcli.rules.linear_layers import ResizeContext
 
 _JSON_UNITS = 4096  # longer maps are summarised in --json (their counts stay exact)
 
@@ -89,11 +93,24 @@ class ResizePlan:
         }
 
 
+def resize_layer(entry: LayerResize, layer: nn.Module, ctx: ResizeContext) -> nn.Module:
+    """The one place a plan's entry is applied: to the layer's weights (``ctx`` of the morph)
+    or, through ``replay``, to a probe holding optimizer state (``ctx.state``)."""
+    from morphcli.rules.linear_layers import grow_kernel
+
+    if entry.kind == "kernel":
+        assert entry.kernel is not None
+        return grow_kernel(layer, entry.kernel)
+    if entry.kind == "channelwise":
+        return entry.rule.resize(layer, entry.out_map, ctx)
+    return entry.rule.resize(layer, entry.out_map, entry.in_map, ctx)
+
+
 def replay(plan: ResizePlan, layer: LayerResize,
            tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``layer``'s resize applied to ``tensors`` (parameter name -> a tensor shaped like that
     parameter, zeros where missing): the state of each of its resized parameters."""
-    from morphcli.rules.linear_layers import ResizeContext, grow_kernel
+    from morphcli.rules.linear_layers import ResizeContext
 
     with torch.no_grad():
         probe = copy.deepcopy(layer.old)
@@ -101,16 +118,9 @@ def replay(plan: ResizePlan, layer: LayerResize,
             value = tensors.get(name)
             _set(probe, name, value.detach().to(param.dtype) if value is not None
                  else torch.zeros_like(param))
-        if layer.kind == "kernel":
-            assert layer.kernel is not None
-            out = grow_kernel(probe, layer.kernel)
-        else:
-            ctx = ResizeContext(plan.init, torch.Generator().manual_seed(0), 0.0,
-                                mirror=plan.mirror, state=True)
-            if layer.kind == "channelwise":
-                out = layer.rule.resize(probe, layer.out_map, ctx)
-            else:
-                out = layer.rule.resize(probe, layer.out_map, layer.in_map, ctx)
+        ctx = ResizeContext(plan.init, torch.Generator().manual_seed(0), 0.0,
+                            mirror=plan.mirror, state=True)
+        out = resize_layer(layer, probe, ctx)
         grown = {n: p.detach() for n, p in out.named_parameters()}
         if layer.kind == "channelwise" and plan.init == ZERO and not plan.mirror and \
                 not isinstance(layer.old, nn.MultiheadAttention):  # (it zeroes its own)

@@ -26,12 +26,12 @@ from morphcli.graph.layers import find_one_layer
 from morphcli.morphs import limits
 from morphcli.morphs.coupling import analyse
 from morphcli.morphs.coupling_plan import Coupling, assign_maps
-from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes
+from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes, resize_layer
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
 from morphcli.rules import registry
 from morphcli.rules.channel_map import COPY, ZERO, ChannelMap, follow
-from morphcli.rules.linear_layers import ResizeContext, grow_kernel
+from morphcli.rules.linear_layers import ResizeContext
 
 INITS = (ZERO, COPY)
 
@@ -111,12 +111,12 @@ def widen_graph(gm: fx.GraphModule, opts: WidenOptions) -> tuple[fx.GraphModule,
     if opts.kernel is not None:
         old = new.get_submodule(str(target.target))
         _check_kernel_size(target, old, opts.kernel)
-        grown = grow_kernel(old, opts.kernel)
+        entry = LayerResize(str(target.target), "kernel", old, kernel=opts.kernel)
+        grown = resize_layer(entry, old, ResizeContext(opts.init, torch.Generator()))
         assert isinstance(old, _ConvNd) and isinstance(grown, _ConvNd)  # (or refused)
-        replace_module(new, str(target.target), grown)
-        result.plan.layers.append(LayerResize(str(target.target), "kernel", old,
-                                              kernel=opts.kernel,
-                                              changes=constructor_changes(old, grown)))
+        replace_module(new, entry.path, grown)
+        entry.changes = constructor_changes(old, grown)
+        result.plan.layers.append(entry)
         result.changes.append(Change("resized", f"{target.target}.weight",
                                      list(old.weight.shape), list(grown.weight.shape),
                                      f"kernel {tuple(old.kernel_size)} -> "
@@ -196,7 +196,8 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     ctx = ResizeContext(opts.init, gen, opts.noise, mirror=group.uniform is not None)
     record = result.plan
     record.init, record.mirror = opts.init, ctx.mirror
-    for entry, new_module in _resized_layers(gm, plan, ctx):
+    for entry in _resized_layers(gm, plan):  # the plan first, then applied to the weights
+        new_module = resize_layer(entry, entry.old, ctx)
         replace_module(gm, entry.path, new_module)
         entry.changes = constructor_changes(entry.old, new_module)
         record.layers.append(entry)
@@ -227,9 +228,8 @@ def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: in
     return ChannelMap.replicate(old, width, blocks)
 
 
-def _resized_layers(gm: fx.GraphModule, plan: Coupling,
-                    ctx: ResizeContext) -> Iterator[tuple[LayerResize, nn.Module]]:
-    """(the resize plan's entry, the new layer) for every layer whose weights change."""
+def _resized_layers(gm: fx.GraphModule, plan: Coupling) -> Iterator[LayerResize]:
+    """The resize plan's entry of every layer whose weights change."""
     out_maps = {str(n.target): plan.map_of(n) for n in plan.producers}
     in_maps: dict[str, ChannelMap] = {}
     for node, inp in plan.consumers:
@@ -239,13 +239,11 @@ def _resized_layers(gm: fx.GraphModule, plan: Coupling,
         old = gm.get_submodule(path)
         if path in cw_maps:
             rule = _rule("channelwise", old)
-            entry = LayerResize(path, "channelwise", old, rule, out_map=cw_maps[path])
-            yield entry, rule.resize(old, cw_maps[path], ctx)
+            yield LayerResize(path, "channelwise", old, rule, out_map=cw_maps[path])
             continue
         kind = "widen_out" if path in out_maps else "widen_in"
         rule = _rule(kind, old)
-        entry = LayerResize(path, kind, old, rule, out_maps.get(path), in_maps.get(path))
-        yield entry, rule.resize(old, entry.out_map, entry.in_map, ctx)
+        yield LayerResize(path, kind, old, rule, out_maps.get(path), in_maps.get(path))
 
 
 def _rule(kind: str, layer: nn.Module) -> Any:
