@@ -167,6 +167,6 @@ def _stochastic_depth(m: Any) -> nn.Module:
 
 
 # Foreign layers (by qualified class name) that tracing replaces with an equivalent of ours.
-SUBSTITUTES: dict[str, Callable[[nn.Module], nn.Module]] = {
+SUBSTITUTES: dict[str, Callable[[Any], nn.Module | None]] = {
     "torchvision.ops.stochastic_depth.StochasticDepth": _stochastic_depth,
 }

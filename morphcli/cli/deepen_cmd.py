@@ -92,10 +92,9 @@ def deepen(
 
             raise InputError("--after is repeatable only for Hugging Face directories; "
                              "deepen one layer at a time")
-        after = after[0]  # type: ignore[assignment]
         from morphcli.morphs.deepen import DeepenOptions, deepen_graph
 
-        options = DeepenOptions(after, init, kernel, norm, activation, residual, noise, seed)
+        options = DeepenOptions(after[0], init, kernel, norm, activation, residual, noise, seed)
         mc.run_morph_command(
             kind="deepen", model=model, morph=deepen_graph, options=options,
             loading=LoadOptions.of(arch, arch_kwargs, trust, input_shape, key), output=output,

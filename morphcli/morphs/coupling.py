@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.fx as fx
@@ -56,8 +56,12 @@ class _Walker:
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(str(node.target))
 
-    def join(self, node: fx.Node, dim: int, group: Group) -> None:
-        """``node`` carries ``group``'s units on ``dim``; merge groups if it already had one."""
+    def join(self, node: Any, dim: int, group: Group) -> None:
+        """``node`` (an fx argument) carries ``group``'s units on ``dim``; merge groups if it
+        already had one."""
+        if not isinstance(node, fx.Node):
+            raise UnsupportedMorphError(f"cannot widen: the widened units meet a constant "
+                                        f"({type(node).__name__}), whose size cannot change")
         shape = tensor_shape(node)
         if shape is None:
             self.refuse(node, "its shape is unknown")
@@ -82,7 +86,7 @@ class _Walker:
         # two of them meeting at one tensor cannot both hold.
         self.refuse(where, "two differently laid out sets of units meet here")
 
-    def refuse(self, node: fx.Node, why: str) -> Any:
+    def refuse(self, node: fx.Node, why: str) -> NoReturn:
         op = node.op
         what = (f"{node.target} ({type(self.module(node)).__name__})" if op == "call_module"
                 else op_name(node))
@@ -119,8 +123,8 @@ class _Walker:
         if node.op == "call_module":
             m = self.module(node)
             rule = registry.lookup("widen_out", m)
-            if rule is not None and registry.lookup("channelwise", m) is not None and \
-                    registry.lookup("channelwise", m).applies(m):
+            channelwise = registry.lookup("channelwise", m)
+            if rule is not None and channelwise is not None and channelwise.applies(m):
                 rule = None  # a depthwise conv is channelwise, not a producer
             if rule is not None:
                 rank = len(tensor_shape(node) or ())
@@ -157,6 +161,7 @@ class _Walker:
                 return
         if node.op == "call_method" and node.target in ("view", "reshape"):
             src = node.args[0]
+            assert isinstance(src, fx.Node)  # view/reshape's first argument is the tensor
             shape_in, shape_out = tensor_shape(src) or (), tensor_shape(node) or ()
             if tuple(shape_in[:dim + 1]) == tuple(shape_out[:dim + 1]):  # the axis is kept
                 self.join(src, dim, group)  # (walking forward from it records the rewrite)
@@ -295,7 +300,7 @@ class _Walker:
             return None
         in_rank = len(tensor_shape(src) or ())
         if name == "permute":
-            dims = node.args[1:] if node.op == "call_method" else node.args[1]
+            dims: Any = node.args[1:] if node.op == "call_method" else node.args[1]
             if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
                 dims = dims[0]
             dims = [d % in_rank for d in dims]
@@ -335,7 +340,10 @@ class _Walker:
         if user.op == "call_method" and user.target == "dim":
             return
         if user.op == "call_method" and user.target == "size" and len(user.args) > 1:
-            if user.args[1] % len(tensor_shape(user.args[0]) or (1,)) != dim:
+            axis: Any = user.args[1]
+            src = user.args[0]
+            rank = len((tensor_shape(src) if isinstance(src, fx.Node) else None) or (1,))
+            if axis % rank != dim:
                 return
         if user.op == "call_function" and user.args[1] in ("ndim", "dtype", "device"):
             return
@@ -458,7 +466,7 @@ class _Walker:
         copied equally often and new units equal their source (``Group.uniform``); its
         parameters follow the map."""
         module = self.module(node) if node.op == "call_module" else None
-        shape = module.normalized_shape if module is not None else \
+        shape: Any = module.normalized_shape if module is not None else \
             arg(node, 1, "normalized_shape", ())
         if dim < rank - len(shape):
             return

@@ -13,6 +13,7 @@ by sqrt(new head_dim / old head_dim), which undoes the wider head's 1/sqrt(head_
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ from morphcli.rules.channel_map import (
     shallow_copy,
 )
 from morphcli.rules.registry import register
+
+L = TypeVar("L", bound=nn.Linear)
 
 
 @register("channelwise", nn.MultiheadAttention)
@@ -86,8 +89,7 @@ class SelfAttentionRule:
         return new
 
 
-def _out_projection(proj: nn.Linear, cmap: ChannelMap, kept: torch.Tensor, width: int,
-                    ctx) -> nn.Linear:
+def _out_projection(proj: L, cmap: ChannelMap, kept: torch.Tensor, width: int, ctx) -> L:
     """Rows follow the stream's map; the new inner dimensions get zero columns."""
     rows = ctx.grown_rows(proj.weight, 0, cmap)
     weight = rows.new_zeros(width, width)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from morphcli.modules import FeaturesLastBatchNorm
 from morphcli.rules.channel_map import ChannelMap, follow, set_buffer, set_param, shallow_copy
@@ -10,6 +13,8 @@ from morphcli.rules.registry import register
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+N = TypeVar("N", bound=nn.Module)
 
 
 @register("channelwise", *_BN)
@@ -30,11 +35,12 @@ class NormRule:
         return True
 
     @staticmethod
-    def resize(m: nn.Module, cmap: ChannelMap, ctx: object) -> nn.Module:
+    def resize(m: _NormBase, cmap: ChannelMap, ctx: object) -> nn.Module:
         new = _with_affine_followed(m, cmap)
         for name in ("running_mean", "running_var"):
-            if m._buffers.get(name) is not None:
-                set_buffer(new, name, follow(m._buffers[name], 0, cmap))
+            buffer = m._buffers.get(name)
+            if buffer is not None:
+                set_buffer(new, name, follow(buffer, 0, cmap))
         new.num_features = cmap.width
         return new
 
@@ -62,7 +68,7 @@ class LayerNormRule:
         return False
 
     @staticmethod
-    def why_not(m: nn.Module) -> str | None:
+    def why_not(m: nn.LayerNorm) -> str | None:
         if len(m.normalized_shape) != 1:
             return (f"LayerNorm over {len(m.normalized_shape)} axes normalises over the widened "
                     "units together with others")
@@ -85,11 +91,11 @@ class GroupNormRule:
         return 1
 
     @staticmethod
-    def applies(m: nn.Module) -> bool:
+    def applies(m: nn.GroupNorm) -> bool:
         return m.num_groups == m.num_channels
 
     @staticmethod
-    def why_not(m: nn.Module) -> str | None:
+    def why_not(m: nn.GroupNorm) -> str | None:
         if m.num_groups != m.num_channels:
             return (f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} "
                     "channels: new channels would change the group statistics")
@@ -109,7 +115,7 @@ class PReLURule:
         return 1
 
     @staticmethod
-    def applies(m: nn.Module) -> bool:
+    def applies(m: nn.PReLU) -> bool:
         return m.num_parameters > 1
 
     @staticmethod
@@ -124,10 +130,11 @@ class PReLURule:
         return new
 
 
-def _with_affine_followed(m: nn.Module, cmap: ChannelMap) -> nn.Module:
+def _with_affine_followed(m: N, cmap: ChannelMap) -> N:
     """A copy of norm layer ``m`` whose per-unit scale and shift (if any) follow the map."""
     new = shallow_copy(m)
     for name in ("weight", "bias"):
-        if m._parameters.get(name) is not None:
-            set_param(new, name, follow(m._parameters[name], 0, cmap))
+        param = m._parameters.get(name)
+        if param is not None:
+            set_param(new, name, follow(param, 0, cmap))
     return new

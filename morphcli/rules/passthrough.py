@@ -37,7 +37,7 @@ class SharedSlopePReLU:
     """PReLU with one shared slope is elementwise; per-channel PReLU is channelwise."""
 
     @staticmethod
-    def keeps(m: nn.Module, dim: int, rank: int) -> bool:
+    def keeps(m: nn.PReLU, dim: int, rank: int) -> bool:
         return m.num_parameters == 1
 
 
@@ -46,7 +46,7 @@ class AlongDim:
     """Softmax mixes units along its own dimension only."""
 
     @staticmethod
-    def keeps(m: nn.Module, dim: int, rank: int) -> bool:
+    def keeps(m: nn.Softmax | nn.LogSoftmax | nn.Softmin, dim: int, rank: int) -> bool:
         return m.dim is not None and m.dim % rank != dim
 
 
@@ -65,5 +65,5 @@ class LayerNormAcross:
     """LayerNorm is per position over its trailing dims: other dims pass through."""
 
     @staticmethod
-    def keeps(m: nn.Module, dim: int, rank: int) -> bool:
+    def keeps(m: nn.LayerNorm, dim: int, rank: int) -> bool:
         return dim < rank - len(m.normalized_shape)

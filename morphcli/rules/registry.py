@@ -83,7 +83,7 @@ def register_rule(kind: str, *types: type[nn.Module]) -> Callable[[T], T]:
 
 
 def register_substitute(layer_type: type[nn.Module] | str,
-                        make: Callable[[nn.Module], nn.Module | None]) -> None:
+                        make: Callable[[Any], nn.Module | None]) -> None:
     """Replace every layer of exactly ``layer_type`` (a class or its qualified name) by
     ``make(layer)`` before tracing: an equivalent built from torch.nn or morphcli's layers,
     with the same parameter names, which morphcli can then follow and store. ``make`` returns

@@ -18,6 +18,7 @@ depthwise layer.
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ from morphcli.rules.registry import register
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _ConvNd = nn.modules.conv._ConvNd
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def conv_type(spatial_dims: int) -> type[nn.Module] | None:
@@ -126,7 +129,7 @@ def _centred_conv(cls: type[nn.Module], channels: int, kernel: int,
     return layer
 
 
-def _zeroed(cls: type[nn.Module], *args: object, **kwargs: object) -> nn.Module:
+def _zeroed(cls: type[M], *args: object, **kwargs: object) -> M:
     """A new layer with all-zero tensors, built without its random initialisation (for a
     Linear(8192, 8192) that is a second of random numbers and an extra copy of the weight)."""
     with torch.device("meta"):
