@@ -41,6 +41,18 @@ class Mutant:
 
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------ deepen
+    Mutant("optimizer-new-units-random-state", "morphcli/rules/linear_layers.py",
+           "is_bias=is_bias or self.state)", "is_bias=is_bias)",
+           "optimizer state of a zero-init widen's new output units filled like their weights "
+           "(random) instead of zero", ("tests/test_optimizer_state.py",)),
+    Mutant("optimizer-new-channels-copied-state", "morphcli/morphs/plan.py",
+           "t.index_fill_(0, fresh, 0)", "pass",
+           "per-channel state of new units (BatchNorm) copied from their source instead of zero",
+           ("tests/test_optimizer_state.py",)),
+    Mutant("optimizer-state-reset", "morphcli/io/training.py",
+           "out[f\"{layer.path}.{n}\"][kind] = value", "out[f\"{layer.path}.{n}\"][kind] = value * 0",
+           "resized parameters' optimizer state reset to zero instead of carried",
+           ("tests/test_optimizer_state.py",)),
     Mutant("deepen-bn-eps", "morphcli/morphs/deepen.py",
            "weight.fill_(math.sqrt(1.0 + bn.eps))", "weight.fill_(1.0)",
            "deepen's identity BatchNorm with weight 1 instead of sqrt(1 + eps)",
