@@ -54,6 +54,9 @@ class LayerResize:
 
 @dataclass
 class ResizePlan:
+    """What a morph did to the model's tensors (``MorphResult.plan``; ``to_json`` is what
+    ``--dry-run --json`` prints as ``resize_plan``)."""
+
     init: str = "zero"
     mirror: bool = False  # new units copy their source's incoming weights (LayerNorm)
     layers: list[LayerResize] = field(default_factory=list)
