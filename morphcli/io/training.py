@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from morphcli.errors import InputError
-from morphcli.morphs.plan import ResizePlan, replay
+from morphcli.morphs.plan import ResizePlan, differs, replay
 from morphcli.rules.channel_map import follow
 
 TRAINING_META = "morphcli.training"
@@ -281,9 +281,7 @@ def _changed(original: Mapping[str, torch.Tensor], new: torch.nn.Module,
     out = set()
     for name in names:
         old, now = original.get(name), state.get(name)
-        if old is None or now is None or old.shape != now.shape or old.dtype != now.dtype:
-            out.add(name)
-        elif old.data_ptr() != now.data_ptr() and not torch.equal(old, now):
+        if old is None or now is None or differs(old, now):
             out.add(name)
     return out
 

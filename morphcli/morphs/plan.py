@@ -80,7 +80,7 @@ class ResizePlan:
         mapped = self.mapped()
         self.added = [k for k in new if k not in old]
         self.removed = [k for k in old if k not in new]
-        self.replaced = [k for k in new if k in old and k not in mapped and _differs(
+        self.replaced = [k for k in new if k in old and k not in mapped and differs(
             old[k], new[k])]
 
     def to_json(self) -> dict[str, Any]:
@@ -153,7 +153,8 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Another shape, dtype or value (the same storage is the same tensor, unread)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return True
     return a.data_ptr() != b.data_ptr() and not torch.equal(a, b)
