@@ -210,15 +210,16 @@ def _through_plan(opt: dict, order: list[str], changed: set[str], plan: ResizePl
     for layer in plan.layers:
         if not layer.replayable:
             continue
-        params = {n: p for n, p in layer.old.named_parameters()}
-        kinds = {k for n in params for k, v in _state_of(by_name, f"{layer.path}.{n}").items()
-                 if isinstance(v, torch.Tensor) and v.shape == params[n].shape and v.dim()}
-        for kind in kinds:
-            given = {n: by_name[f"{layer.path}.{n}"][kind] for n in params
-                     if isinstance(_state_of(by_name, f"{layer.path}.{n}").get(kind),
-                                   torch.Tensor)}
+        # Per state kind (exp_avg, ...), the layer's tensors shaped like their parameters;
+        # others stay as they are and are caught as unmapped below.
+        by_kind: dict[str, dict[str, torch.Tensor]] = {}
+        for n, param in layer.old.named_parameters():
+            for kind, v in _state_of(by_name, f"{layer.path}.{n}").items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape == param.shape:
+                    by_kind.setdefault(kind, {})[n] = v
+        for kind, given in by_kind.items():
             for n, value in replay(plan, layer, given).items():
-                if f"{layer.path}.{n}" in out and n in given:
+                if n in given:
                     out[f"{layer.path}.{n}"][kind] = value
     for key, axis, cmap in plan.attrs:
         for kind, value in _state_of(by_name, key).items():
