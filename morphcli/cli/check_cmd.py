@@ -24,6 +24,7 @@ def check(
     atol: o.Atol = DEFAULT_ATOL,
     rtol: o.Rtol = DEFAULT_RTOL,
     input_shape: o.InputShape = None,
+    input_ids: o.InputIds = None,
     arch: o.Arch = None,
     arch_kwargs: o.ArchKwargs = None,
     key: o.Key = None,
@@ -55,7 +56,8 @@ def check(
             from morphcli.hf.cli import HFCheckOptions, hf_check, refuse_options
 
             refuse_options({"--arch": arch is not None, "--arch-kwargs": arch_kwargs is not None,
-                            "--key": key is not None})
+                            "--key": key is not None, "--input-shape": bool(input_shape),
+                            "--input-ids": input_ids is not None})
             if hf_check(a, b, HFCheckOptions(samples, batch_size, seed, atol, rtol), as_json):
                 return
             raise typer.Exit(EXIT_NOT_EQUIVALENT)
@@ -68,7 +70,7 @@ def check(
             report = run_check(a, b, samples=samples, batch_size=batch_size, seed=seed,
                                atol=atol, rtol=rtol, input_shapes=shapes_arg(input_shape),
                                trust=trust, progress=update, arch=arch, arch_kwargs=kwargs,
-                               key=key)
+                               key=key, input_ids=input_ids)
         if as_json:
             print_json(report.to_json())
         else:

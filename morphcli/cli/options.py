@@ -83,6 +83,16 @@ Output = Annotated[
         show_default=False,
     ),
 ]
+InputIds = Annotated[
+    int | None,
+    typer.Option(
+        "--input-ids",
+        help="Integer inputs are token ids in [0, N), e.g. the vocabulary size (an .onnx or "
+        ".pt2 that morph did not write records no range; otherwise ids are 0 or 1).",
+        rich_help_panel="Checking",
+        show_default=False,
+    ),
+]
 Samples = Annotated[
     int,
     typer.Option(

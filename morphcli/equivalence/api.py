@@ -18,7 +18,7 @@ from morphcli.equivalence.report import (
 )
 from morphcli.errors import InputError
 from morphcli.graph import budget
-from morphcli.graph.inputs import InputSpec
+from morphcli.graph.inputs import InputSpec, as_token_ids
 from morphcli.io.api import needs_arch, open_runner, read_checkpoint, runner_of
 from morphcli.io.checkpoint import Runner
 
@@ -38,12 +38,14 @@ def check(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     key: str | None = None,
+    input_ids: int | None = None,
 ) -> CheckReport:
     """Run ``a`` and ``b`` in eval mode on the same seeded random inputs and compare outputs.
 
     ``arch`` builds the network of a side that holds only weights (a state_dict), ``key``
     names the model entry of a side that is a training checkpoint; each applies to every side
-    it fits and is refused when it fits neither.
+    it fits and is refused when it fits neither. ``input_ids`` draws every integer input in
+    ``[0, input_ids)`` (token ids; a foreign .onnx or .pt2 records no range).
 
     >>> report = check("model.pt", "model.onnx")
     >>> report.equivalent, report.max_abs
@@ -51,12 +53,16 @@ def check(
     from morphcli.morphs.limits import check_numbers
 
     check_numbers(samples, batch_size, seed, atol, rtol)  # before anything is loaded
+    if input_ids is not None and input_ids < 1:
+        raise InputError(f"--input-ids {input_ids}: the number of token ids must be at least 1")
     (run_a, specs_a), (run_b, specs_b) = _runners(
         a, b, input_shapes=input_shapes, trust=trust, arch=arch, arch_kwargs=arch_kwargs,
         key=key)
     specs = specs_a or specs_b
     if not specs:
         raise InputError("neither model records its input shape; pass --input-shape")
+    if input_ids is not None:
+        specs = as_token_ids(specs, input_ids)
     for m in (a, b):
         if isinstance(m, nn.Module):
             m.eval()

@@ -44,6 +44,28 @@ class InputSpec:
         return InputSpec(checked_shape(tuple(shape), "stored input shape"), dtype, high)
 
 
+def specs_to_text(specs: Sequence[InputSpec]) -> str:
+    """The input specs as the JSON a file written by another program can carry beside it
+    (``INPUTS_META``: .pt2 extra file, ONNX metadata), read back by ``specs_from_text``."""
+    import json
+
+    return json.dumps([s.to_json() for s in specs])
+
+
+def specs_from_text(text: str | None) -> tuple[InputSpec, ...] | None:
+    """The specs ``specs_to_text`` wrote, or None when absent or damaged (the file's graph
+    then gives the inputs, as for any foreign file)."""
+    import json
+
+    if not text:
+        return None
+    try:
+        specs = tuple(InputSpec.from_json(s) for s in json.loads(text))
+    except (ValueError, TypeError, RecursionError, InputError):
+        return None
+    return specs or None
+
+
 # Input shapes read from a file decide how much memory checking allocates, so a damaged or
 # hostile file must not claim terabytes: a cap far above any real model's input (2^28 elements,
 # MORPH_MAX_INPUT_ELEMENTS), which a check applies again to all its inputs at its batch size.
@@ -84,6 +106,29 @@ def example_inputs(
         else:
             out.append(torch.randint(0, spec.high or 2, shape, generator=gen, dtype=dtype))
     return tuple(out)
+
+
+def as_token_ids(specs: Sequence[InputSpec], vocab: int) -> tuple[InputSpec, ...]:
+    """``specs`` with every integer input drawn in ``[0, vocab)`` (``--input-ids``): a file's
+    graph records an input's dtype, not the range of ids its embedding accepts."""
+    if not any(not getattr(torch, s.dtype).is_floating_point for s in specs):
+        kinds = ", ".join(s.dtype for s in specs)
+        raise InputError(f"--input-ids {vocab}: the model has no integer input (its inputs "
+                         f"are {kinds}); drop --input-ids")
+    return tuple(s if getattr(torch, s.dtype).is_floating_point else
+                 InputSpec(s.shape, s.dtype, vocab) for s in specs)
+
+
+def with_shapes(stored: Sequence[InputSpec] | None, shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[str] | None = None) -> tuple[InputSpec, ...]:
+    """``--input-shape`` over what a file records: new sizes, the recorded dtype and id range
+    kept (token ids stay integers); ``dtypes`` where only those are known; else float32."""
+    if stored and len(stored) == len(shapes):
+        return tuple(InputSpec(tuple(s), old.dtype, old.high)
+                     for s, old in zip(shapes, stored, strict=True))
+    if dtypes and len(dtypes) == len(shapes):
+        return tuple(InputSpec(tuple(s), t) for s, t in zip(shapes, dtypes, strict=True))
+    return tuple(InputSpec(tuple(s)) for s in shapes)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ class TokenModel(torch.nn.Module):
 
 def export_dir(d: HFDir, dest: Path, rtol: float = 1e-5) -> dict[str, Any]:
     """Write ``dest`` atomically and return what was checked (max relative difference)."""
+    from morphcli.graph.inputs import INPUTS_META, InputSpec, specs_to_text
     from morphcli.hf.check import build, quiet_transformers
     from morphcli.io.atomic import atomic_path
 
@@ -40,15 +41,18 @@ def export_dir(d: HFDir, dest: Path, rtol: float = 1e-5) -> dict[str, Any]:
     vocab = int(d.config["vocab_size"])
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     dims = ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)
+    # recorded in the file, so that `morph check` draws its ids in [0, vocab) unasked
+    recorded = specs_to_text([InputSpec(tuple(ids.shape), "int64", vocab)])
     with atomic_path(dest) as tmp, quiet_transformers(), _silenced():
         try:
             program = torch.export.export(model, (ids,), dynamic_shapes=dims)
             if dest.suffix == ".pt2":
-                torch.export.save(program, str(tmp))
+                torch.export.save(program, str(tmp), extra_files={INPUTS_META: recorded})
             else:
                 onnx = torch.onnx.export(program, (ids,), dynamo=True, verbose=False)
                 if onnx is None:  # only the legacy exporter returns nothing
                     raise RuntimeError("the ONNX exporter returned no program")
+                onnx.model.metadata_props[INPUTS_META] = recorded
                 onnx.save(str(tmp))
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

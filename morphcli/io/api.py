@@ -18,7 +18,7 @@ from torch import nn
 from morphcli.errors import InputError
 from morphcli.graph import budget, dtypes
 from morphcli.graph.infer_inputs import resolve_inputs
-from morphcli.graph.inputs import INPUTS_META, InputSpec
+from morphcli.graph.inputs import INPUTS_META, InputSpec, with_shapes
 from morphcli.graph.trace import propagate_shapes, trace
 from morphcli.io import bounded
 from morphcli.io.checkpoint import Checkpoint, Runner, torch_runner, warn_if_not_finite
@@ -89,7 +89,7 @@ def runner_of(
     if ckpt.runner is not None:
         specs = ckpt.inputs
         if input_shapes:
-            specs = tuple(InputSpec(tuple(s)) for s in input_shapes)
+            specs = with_shapes(specs, input_shapes, ckpt.input_dtypes)
         return ckpt.runner, specs, ckpt.source
     gm = to_graph_module(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shapes=input_shapes,
                          require_inputs=False, key=key)

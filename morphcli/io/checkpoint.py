@@ -41,6 +41,9 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] | None = None
     runner: Runner | None = None
     inputs: tuple[InputSpec, ...] | None = None
+    # A runner's input dtypes where ``inputs`` is None (sizes not fixed in the file): what
+    # --input-shape's sizes are drawn in (token ids stay integers).
+    input_dtypes: tuple[str, ...] | None = None
     kind: str = ""  # a word for messages: "morphcli archive", "pickled model", ...
     # A training checkpoint (io.training.TrainingCheckpoint): the model state is one entry.
     training: Any = None

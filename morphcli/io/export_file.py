@@ -21,7 +21,13 @@ import torch.fx as fx
 
 from morphcli.errors import InputError, UnsafeCheckpointError
 from morphcli.graph.describe import describe, parse_description, rebuild
-from morphcli.graph.inputs import INPUTS_META, InputSpec, checked_shape, example_inputs
+from morphcli.graph.inputs import (
+    INPUTS_META,
+    InputSpec,
+    checked_shape,
+    example_inputs,
+    specs_from_text,
+)
 from morphcli.io.atomic import latched
 from morphcli.io.checkpoint import Checkpoint, torch_runner, warn_if_not_finite
 
@@ -65,7 +71,7 @@ def read_pt2(source: str, data: Path | io.BytesIO, trust: bool = False) -> Check
         needed = _needed_keys(desc, archive.tensors)
         return Checkpoint(source, graph_module=rebuild(desc, needed, source), kind="morphcli .pt2")
     program = _program(archive, data, trust)
-    return _foreign_pt2(source, program)
+    return _foreign_pt2(source, program, specs_from_text(archive.extra.get(INPUTS_META)))
 
 
 def _program(archive: Pt2Archive, data: Path | io.BytesIO, trust: bool
@@ -89,7 +95,7 @@ def _program(archive: Pt2Archive, data: Path | io.BytesIO, trust: bool
 def _read_pt2_trusted(source: str, data: Path | io.BytesIO) -> Checkpoint:
     from morphcli.io.pt2_archive import load_program_trusted
 
-    extra = {PT2_EXTRA: ""}
+    extra = {PT2_EXTRA: "", INPUTS_META: ""}
     try:
         with _quiet():
             program = load_program_trusted(data, extra)
@@ -100,17 +106,20 @@ def _read_pt2_trusted(source: str, data: Path | io.BytesIO) -> Checkpoint:
         tensors = {**program.state_dict, **program.constants}
         needed = _needed_keys(desc, tensors)
         return Checkpoint(source, graph_module=rebuild(desc, needed, source), kind="morphcli .pt2")
-    return _foreign_pt2(source, program)
+    return _foreign_pt2(source, program, specs_from_text(extra[INPUTS_META]))
 
 
-def _foreign_pt2(source: str, program: torch.export.ExportedProgram) -> Checkpoint:
+def _foreign_pt2(source: str, program: torch.export.ExportedProgram,
+                 specs: tuple[InputSpec, ...] | None) -> Checkpoint:
+    """A program morph did not trace (``morph export DIR`` of a Hugging Face model, or any
+    other); ``specs``: the inputs it records beside the program (token ids' range), if any."""
     try:
         with _quiet():
             module = program.module()
     except Exception as e:
         raise InputError(f"{source}: cannot run the torch.export program: {_reason(e)}") from e
     return Checkpoint(source, runner=torch_runner(module), kind="torch.export program",
-                      inputs=_pt2_inputs(program))
+                      inputs=specs or _pt2_inputs(program))
 
 
 def _needed_keys(desc: Any, tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -216,7 +225,8 @@ def read_onnx(source: str, data: Path | bytes) -> Checkpoint:
         runner = _onnx_runner(proto)
     except Exception as e:  # onnx.checker does not check every attribute value; ORT does
         raise InputError(f"{source}: onnxruntime cannot load the model: {_reason(e)}") from e
-    return Checkpoint(source, runner=sized(runner), inputs=specs, kind="ONNX model")
+    return Checkpoint(source, runner=sized(runner), inputs=specs, kind="ONNX model",
+                      input_dtypes=tuple(t for _, t in _onnx_graph_inputs(proto)))
 
 
 def _onnx_weights(proto: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -233,7 +243,11 @@ def _onnx_weights(proto: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
-    stored = {p.key: p.value for p in proto.metadata_props}.get(ONNX_METADATA)
+    props = {p.key: p.value for p in proto.metadata_props}
+    recorded = specs_from_text(props.get(INPUTS_META))  # a foreign program's own inputs
+    if recorded:
+        return recorded
+    stored = props.get(ONNX_METADATA)
     if stored:
         try:
             inputs = json.loads(stored).get("inputs")
@@ -241,24 +255,31 @@ def _onnx_inputs(proto: Any) -> tuple[InputSpec, ...] | None:
                 return tuple(InputSpec.from_json(s) for s in inputs)
         except (ValueError, AttributeError, KeyError, TypeError, InputError):
             pass  # damaged metadata: fall back to the graph's own input shapes
-    from onnx import TensorProto
-
-    initializers = {i.name for i in proto.graph.initializer}
     specs = []
-    for inp in proto.graph.input:
-        if inp.name in initializers:
-            continue
-        t = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+    for dims, dtype in _onnx_graph_inputs(proto):
         if any(d <= 0 for d in dims[1:]):
             return None
         try:
             shape = checked_shape(tuple(max(d, 1) for d in dims), "ONNX input shape")
         except InputError:
             return None  # not a size to allocate blindly: the user passes --input-shape
-        dtype = "int64" if t.elem_type == TensorProto.INT64 else "float32"
         specs.append(InputSpec(shape, dtype, 2 if dtype == "int64" else None))
     return tuple(specs)
+
+
+def _onnx_graph_inputs(proto: Any) -> list[tuple[list[int], str]]:
+    """(sizes, 0 where symbolic; dtype) of each graph input that is not a weight."""
+    from onnx import TensorProto
+
+    initializers = {i.name for i in proto.graph.initializer}
+    out = []
+    for inp in proto.graph.input:
+        if inp.name in initializers:
+            continue
+        t = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        out.append((dims, "int64" if t.elem_type == TensorProto.INT64 else "float32"))
+    return out
 
 
 def _onnx_runner(proto: Any):
