@@ -116,7 +116,7 @@ class _Walker:
         dim, group = self.plan.tensors[node]
         if node is group.source or node in self.forwarded:
             return  # its units come from an input already in the plan
-        if self.is_layer_norm(node):  # its units are its input's
+        if self.is_norm(node):  # its units are its input's
             self.norm_over_units(node, dim, len(tensor_shape(node) or ()), group)
             self.join(node.args[0], dim, group)
             return
@@ -195,7 +195,7 @@ class _Walker:
             raise UnsupportedMorphError(
                 "cannot widen: the widened units reach the model's output (node "
                 f"{node.name!r}), which would change the output shape")
-        if self.is_layer_norm(user):
+        if self.is_norm(user):
             if user.args[0] is node:  # (its weight and bias are joined with its input)
                 self.norm_over_units(user, dim, rank, group)
                 self.follow(user, dim, group)
@@ -226,6 +226,10 @@ class _Walker:
                 if isinstance(m, nn.Linear):
                     self.follow(user, dim, group)
                     return
+                if isinstance(m, nn.modules.conv._ConvNd):
+                    self.refuse(user, "a convolution slides along the widened axis (as ECA's "
+                                "Conv1d across channels), so each unit's neighbours, new units "
+                                "among them, enter its output")
             if isinstance(m, nn.Flatten):
                 self.flatten(node, user, dim, m.start_dim, m.end_dim)
                 return
@@ -401,11 +405,13 @@ class _Walker:
         shape_in = tensor_shape(node) or ()
         shape_out = tensor_shape(user) or ()
         before = math.prod(shape_in[:dim])
-        # Axes of size 1 make several positions fit; prefer the widened axis's own position.
+        # Axes of size 1 make several positions fit; prefer one that keeps the units whole
+        # (ECA's view(B, 1, -1)), then the widened axis's own position.
         fits = [p for p in range(len(shape_out)) if math.prod(shape_out[:p]) == before]
         if not fits:
             self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
-        p = dim if dim in fits else fits[-1]
+        whole = [p for p in fits if p < len(shape_out) and shape_out[p] == shape_in[dim]]
+        p = (dim if dim in whole else whole[0]) if whole else (dim if dim in fits else fits[-1])
         if p >= len(shape_out):
             self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
         size = shape_out[p]
@@ -455,17 +461,24 @@ class _Walker:
                 self.refuse(use, "the attention weights are read (only the attention's first "
                             "output can carry the units)")
 
-    def is_layer_norm(self, node: fx.Node) -> bool:
+    def is_norm(self, node: fx.Node) -> bool:
+        """A LayerNorm or a GroupNorm with several channels per group (module or function):
+        statistics over the units, kept only by copying every unit equally often."""
         if node.op == "call_module":
-            return isinstance(self.module(node), nn.LayerNorm)
-        return node.op == "call_function" and node.target is F.layer_norm
+            m = self.module(node)
+            return isinstance(m, nn.LayerNorm) or (
+                isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels)
+        return node.op == "call_function" and node.target in (F.layer_norm, F.group_norm)
 
     def norm_over_units(self, node: fx.Node, dim: int, rank: int, group: Group) -> None:
-        """A LayerNorm (module or F.layer_norm) that the units reach. Over other axes they pass
-        through. Over the units, its mean and variance stay the same only if every unit is
-        copied equally often and new units equal their source (``Group.uniform``); its
-        parameters follow the map."""
+        """A norm (``is_norm``) that the units reach. Over other axes they pass through. Over
+        the units, its mean and variance stay the same only if every unit is copied equally
+        often and new units equal their source (``Group.uniform``); a GroupNorm's copies
+        stay in their group (one block per group). Its parameters follow the map."""
         module = self.module(node) if node.op == "call_module" else None
+        if isinstance(module, nn.GroupNorm) or node.target is F.group_norm:
+            self.group_norm_over_units(node, module, dim, group)
+            return
         shape: Any = module.normalized_shape if module is not None else \
             arg(node, 1, "normalized_shape", ())
         if dim < rank - len(shape):
@@ -473,19 +486,40 @@ class _Walker:
         if len(shape) != 1 or dim != rank - 1:
             self.refuse(node, "LayerNorm normalises over the widened units together with "
                         "other axes")
-        if group.source is not None:
-            self.refuse(node, "LayerNorm normalises over units laid out by a concatenation or "
-                        "flatten, which cannot all be copied equally often")
-        group.uniform = group.uniform or node
+        self.uniform(node, group, "LayerNorm")
         if module is not None:
             self.add_channelwise(node, module, registry.lookup("channelwise", module), dim)
             return
-        for i, name in ((2, "weight"), (3, "bias")):
+        self.join_affine(node, 2, 3, group)
+        if node not in self.plan.norm_shapes:
+            self.plan.norm_shapes.append(node)
+
+    def group_norm_over_units(self, node: fx.Node, module: nn.Module | None, dim: int,
+                              group: Group) -> None:
+        groups = module.num_groups if isinstance(module, nn.GroupNorm) else \
+            arg(node, 1, "num_groups", None)
+        if dim != 1 or not isinstance(groups, int):
+            self.refuse(node, "GroupNorm normalises over the widened units together with "
+                        "its channels")
+        self.uniform(node, group, "GroupNorm")
+        self.require_blocks(node, group, groups)
+        if module is not None:
+            self.add_channelwise(node, module, registry.lookup("channelwise", module), dim)
+        else:
+            self.join_affine(node, 2, 3, group)
+
+    def uniform(self, node: fx.Node, group: Group, kind: str) -> None:
+        if group.source is not None:
+            self.refuse(node, f"{kind} normalises over units laid out by a concatenation or "
+                        "flatten, which cannot all be copied equally often")
+        group.uniform = group.uniform or node
+
+    def join_affine(self, node: fx.Node, weight: int, bias: int, group: Group) -> None:
+        """A functional norm's weight and bias (get_attr nodes) follow the units."""
+        for i, name in ((weight, "weight"), (bias, "bias")):
             param = arg(node, i, name, None)
             if isinstance(param, fx.Node):
                 self.join(param, 0, group)
-        if node not in self.plan.norm_shapes:
-            self.plan.norm_shapes.append(node)
 
     def require_blocks(self, node: fx.Node, group: Group, groups: int) -> None:
         """A grouped convolution reads (or writes) its channels in ``groups`` blocks: the map

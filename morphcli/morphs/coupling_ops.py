@@ -15,14 +15,14 @@ ELEMENTWISE_FUNCS: set[Any] = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, operator.neg, operator.pos,
     torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh,
-    torch.clamp, torch.neg, torch.abs, torch.where,
+    torch.clamp, torch.neg, torch.abs, torch.where, torch.addcmul, torch.addcdiv,
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
     F.selu, F.celu, F.softplus, F.hardtanh, F.dropout, F.sigmoid, F.tanh, F.prelu,
 }
 ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clamp", "contiguous", "clone",
     "float", "to", "type_as", "neg", "abs", "exp", "add_", "mul_", "relu_", "sigmoid_",
-    "detach", "__add__", "__mul__", "__sub__",
+    "detach", "__add__", "__mul__", "__sub__", "addcmul", "addcdiv", "expand_as",
 }
 SPATIAL_FUNCS: set[Any] = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 from torch.optim import Optimizer
 
@@ -179,13 +180,13 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     gen = torch.Generator().manual_seed(opts.seed)
     group = plan.tensors[target][1]
     blocks = group.blocks
-    if blocks > 1 and width % blocks:
+    if group.uniform is not None:  # (its multiple of the old width is one of the blocks too)
+        root = _replicated(target, group.uniform, old, width, blocks, opts, result)
+    elif blocks > 1 and width % blocks:
         raise UnsupportedMorphError(
             f"cannot widen {target.target} to {width}: its units meet grouped convolutions "
             f"({blocks} groups), so the new width must be a multiple of {blocks} "
             f"(e.g. --to {(width // blocks + 1) * blocks})")
-    if group.uniform is not None:
-        root = _replicated(target, group.uniform, old, width, blocks, opts, result)
     elif blocks > 1:
         root = ChannelMap.grow_blocks(old, width, blocks, gen)
     else:
@@ -214,18 +215,25 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
 
 def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: int,
                 opts: WidenOptions, result: MorphResult) -> ChannelMap:
-    """The map for units a LayerNorm normalises over: every unit copied equally often."""
+    """The map for units a norm normalises over: every unit copied equally often."""
+    kind = "GroupNorm" if _is_group_norm(target.graph.owning_module, norm) else "LayerNorm"
     if width % old:
         raise UnsupportedMorphError(
-            f"cannot widen {target.target} to {width}: its units reach a LayerNorm (node "
+            f"cannot widen {target.target} to {width}: its units reach a {kind} (node "
             f"{norm.name!r}), whose mean and variance over them stay the same only when every "
             f"unit is copied equally often, so the new width must be a multiple of {old} "
             f"(e.g. --factor 2)")
     how = ("new units copy their source's incoming weights and have zero outgoing weights"
            if opts.init == ZERO else "consumers divide each unit's weights by its copy count")
-    result.notes.append(f"every unit is copied {width // old} times because LayerNorm (node "
+    result.notes.append(f"every unit is copied {width // old} times because {kind} (node "
                         f"{norm.name!r}) normalises over them; {how}")
     return ChannelMap.replicate(old, width, blocks)
+
+
+def _is_group_norm(gm: Any, node: fx.Node) -> bool:
+    if node.op == "call_module" and gm is not None:
+        return isinstance(gm.get_submodule(str(node.target)), nn.GroupNorm)
+    return node.target is F.group_norm
 
 
 def _resized_layers(gm: fx.GraphModule, plan: Coupling) -> Iterator[LayerResize]:

@@ -83,8 +83,10 @@ class LayerNormRule:
 
 @register("channelwise", nn.GroupNorm)
 class GroupNormRule:
-    """Only GroupNorm with one channel per group is channelwise; otherwise new channels would
-    join a group's statistics and change them."""
+    """GroupNorm with one channel per group is channelwise. With more channels per group, new
+    channels would join a group's statistics: the coupling walk copies every channel of a
+    group equally often inside its group (``Group.uniform``, one block per group), which
+    keeps them, and then resizes it here."""
 
     @staticmethod
     def channel_dim(m: nn.Module, rank: int) -> int:
@@ -96,15 +98,14 @@ class GroupNormRule:
 
     @staticmethod
     def why_not(m: nn.GroupNorm) -> str | None:
-        if m.num_groups != m.num_channels:
-            return (f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} "
-                    "channels: new channels would change the group statistics")
         return None
 
     @staticmethod
     def resize(m: nn.GroupNorm, cmap: ChannelMap, ctx: object) -> nn.Module:
         new = _with_affine_followed(m, cmap)
-        new.num_groups = new.num_channels = cmap.width
+        if m.num_groups == m.num_channels:
+            new.num_groups = cmap.width
+        new.num_channels = cmap.width
         return new
 
 
