@@ -549,3 +549,35 @@ def test_widen_through_addcmul_and_expand_as(init: str) -> None:
     same_function(gm, wide)
     assert wide.alpha.shape == wide.beta.shape == (1, 11, 1, 1)
     assert wide.get_submodule("fc").in_channels == 11
+
+
+class ResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response norm (channels first): each channel's L2 response over
+    the positions, divided by the mean response over the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.bias = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        g = h.norm(p=2, dim=(2, 3), keepdim=True)
+        n = g / (g.mean(dim=1, keepdim=True) + 1e-6)
+        return self.out(h + torch.addcmul(self.bias, self.weight, h * n))
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+def test_mean_over_the_units_copies_every_unit_equally(init: str) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(ResponseNorm(), (2, 3, 6, 6))
+    wide, result = morphcli.widen(gm, "conv", factor=2, init=init)
+    assert result.check.equivalent and result.exact
+    same_function(gm, wide)
+    rows = wide.get_submodule("conv").weight.detach()
+    assert torch.equal(rows[8:], rows[:8])  # copies equal their source going in
+    assert any("a mean (node" in note and "copied 2 times" in note for note in result.notes)
+    with pytest.raises(UnsupportedMorphError, match="a mean .*multiple of 8"):
+        morphcli.widen(gm, "conv", by=3, check=NO_CHECK)

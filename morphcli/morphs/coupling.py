@@ -26,9 +26,11 @@ from morphcli.morphs.coupling_ops import (
     REDUCTIONS,
     SHAPE_METHODS,
     SPATIAL_FUNCS,
+    UNIFORM_REDUCTIONS,
     arg,
     index_axis,
     op_name,
+    reduced_axes,
 )
 from morphcli.morphs.coupling_plan import Coupling, Group
 from morphcli.rules import registry
@@ -292,6 +294,11 @@ class _Walker:
         if moved is not None:
             self.follow(user, moved, group)
             return
+        if name in UNIFORM_REDUCTIONS and dim in (reduced_axes(user, rank) or ()):
+            # A mean or maximum over the units (GRN's mean response) is unchanged when every
+            # unit is copied equally often: its value is the old one, broadcast as before.
+            self.uniform(user, group, f"{name} over the units")
+            return
         self.refuse(user, "morphcli has no rule to follow the widened units through it")
 
     def axis_through(self, node: fx.Node, dim: int, backward: bool) -> int | None:
@@ -314,14 +321,11 @@ class _Walker:
             return {a: b, b: a}.get(dim, dim)
         if name in ("softmax", "log_softmax") and not backward:
             return dim if arg(node, 1, "dim", None) % in_rank != dim else None
-        if name in REDUCTIONS and not backward:
-            dims = arg(node, 1, "dim", None)
-            if dims is None:
+        if (name in REDUCTIONS or name == "norm") and not backward:
+            dims = reduced_axes(node, in_rank)
+            if dims is None or dim in dims:
                 return None
-            dims = [d % in_rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-            if dim in dims:
-                return None
-            keep = arg(node, 2, "keepdim", False)
+            keep = arg(node, 3 if name == "norm" else 2, "keepdim", False)
             return dim if keep else dim - sum(1 for d in dims if d < dim)
         if name == "getitem" and not backward:
             return index_axis(node.args[1], dim, in_rank)

@@ -30,6 +30,7 @@ SPATIAL_FUNCS: set[Any] = {
     F.interpolate, F.pad,
 }
 REDUCTIONS = {"mean", "sum", "amax", "amin"}
+UNIFORM_REDUCTIONS = {"mean", "amax", "amin"}  # unchanged by copying every unit k times
 SHAPE_METHODS = {"size", "dim"}
 
 
@@ -55,6 +56,16 @@ def index_axis(index: Any, dim: int, rank: int) -> int | None:
         if isinstance(item, slice):
             out += 1
     return None
+
+
+def reduced_axes(node: fx.Node, rank: int) -> list[int] | None:
+    """The axes a reduction (mean/sum/amax/amin, or ``norm``, whose first argument is p)
+    reduces, or None for all of them."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    dims = arg(node, 2, "dim", None) if name == "norm" else arg(node, 1, "dim", None)
+    if dims is None:
+        return None
+    return [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
 
 
 def op_name(node: fx.Node) -> str:

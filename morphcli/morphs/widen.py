@@ -215,25 +215,30 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
 
 def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: int,
                 opts: WidenOptions, result: MorphResult) -> ChannelMap:
-    """The map for units a norm normalises over: every unit copied equally often."""
-    kind = "GroupNorm" if _is_group_norm(target.graph.owning_module, norm) else "LayerNorm"
+    """The map for units a norm (or a mean) reads statistics over: every unit copied equally
+    often."""
+    kind = _statistics_kind(target.graph.owning_module, norm)
     if width % old:
         raise UnsupportedMorphError(
-            f"cannot widen {target.target} to {width}: its units reach a {kind} (node "
-            f"{norm.name!r}), whose mean and variance over them stay the same only when every "
-            f"unit is copied equally often, so the new width must be a multiple of {old} "
+            f"cannot widen {target.target} to {width}: its units reach {kind} (node "
+            f"{norm.name!r}), whose statistics over them stay the same only when every unit "
+            f"is copied equally often, so the new width must be a multiple of {old} "
             f"(e.g. --factor 2)")
     how = ("new units copy their source's incoming weights and have zero outgoing weights"
            if opts.init == ZERO else "consumers divide each unit's weights by its copy count")
     result.notes.append(f"every unit is copied {width // old} times because {kind} (node "
-                        f"{norm.name!r}) normalises over them; {how}")
+                        f"{norm.name!r}) reads statistics over them; {how}")
     return ChannelMap.replicate(old, width, blocks)
 
 
-def _is_group_norm(gm: Any, node: fx.Node) -> bool:
+def _statistics_kind(gm: Any, node: fx.Node) -> str:
+    """'a LayerNorm', 'a GroupNorm' or 'a mean' (of the op ``Group.uniform`` names)."""
     if node.op == "call_module" and gm is not None:
-        return isinstance(gm.get_submodule(str(node.target)), nn.GroupNorm)
-    return node.target is F.group_norm
+        return f"a {type(gm.get_submodule(str(node.target))).__name__}"
+    named = {F.layer_norm: "LayerNorm", F.group_norm: "GroupNorm"}
+    name = node.target if isinstance(node.target, str) else named.get(
+        node.target, getattr(node.target, "__name__", "op"))
+    return f"a {name}"
 
 
 def _resized_layers(gm: fx.GraphModule, plan: Coupling) -> Iterator[LayerResize]:
