@@ -581,3 +581,28 @@ def test_mean_over_the_units_copies_every_unit_equally(init: str) -> None:
     assert any("a mean (node" in note and "copied 2 times" in note for note in result.notes)
     with pytest.raises(UnsupportedMorphError, match="a mean .*multiple of 8"):
         morphcli.widen(gm, "conv", by=3, check=NO_CHECK)
+
+
+class StackedPaths(nn.Module):
+    """SKNet's selective kernel: two paths stacked along a new axis, weighted, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 5, padding=2)
+        self.weights = nn.Parameter(torch.randn(1, 2, 8, 1, 1))
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = torch.stack([self.a(x), self.b(x)], dim=1)
+        return self.out((paths * self.weights.softmax(dim=1)).sum(1))
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+def test_widen_through_stack_along_a_new_axis(init: str) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(StackedPaths(), (2, 3, 6, 6))
+    wide, result = morphcli.widen(gm, "a", by=3, init=init)
+    assert result.check.equivalent and result.exact
+    same_function(gm, wide)
+    assert wide.get_submodule("b").out_channels == 11  # stacked with a: widened together
+    assert wide.weights.shape == (1, 2, 11, 1, 1)

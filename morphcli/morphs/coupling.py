@@ -274,6 +274,13 @@ class _Walker:
         if user.op == "call_function" and target is torch.cat:
             self.concat(node, user, dim, rank)
             return
+        if user.op == "call_function" and target is torch.stack:
+            # stacked along a new axis: every part carries the same units (SKNet's paths)
+            axis = arg(user, 1, "dim", 0) % (rank + 1)
+            for t in arg(user, 0, "tensors", []):
+                self.join(t, dim, group)
+            self.follow(user, dim + 1 if axis <= dim else dim, group)
+            return
         if name == "flatten" and user.args[0] is node:
             start = arg(user, 1, "start_dim", 0)
             end = arg(user, 2, "end_dim", -1)
@@ -319,8 +326,9 @@ class _Walker:
         if name == "transpose":
             a, b = (arg(node, 1, "dim0", 0) % in_rank, arg(node, 2, "dim1", 1) % in_rank)
             return {a: b, b: a}.get(dim, dim)
-        if name in ("softmax", "log_softmax") and not backward:
-            return dim if arg(node, 1, "dim", None) % in_rank != dim else None
+        if name in ("softmax", "log_softmax"):  # along another axis: each unit on its own
+            axis = arg(node, 1, "dim", None)
+            return dim if isinstance(axis, int) and axis % in_rank != dim else None
         if (name in REDUCTIONS or name == "norm") and not backward:
             dims = reduced_axes(node, in_rank)
             if dims is None or dim in dims:
