@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import morphcli
-from tests.helpers import assert_one_error_line, invoke, outputs_of
+from tests.helpers import assert_one_error_line, assert_same_function, invoke, outputs_of
 
 timm = pytest.importorskip("timm")
 
@@ -267,12 +267,49 @@ def test_trace_error_names_the_models_line() -> None:
     assert "without Python control flow" in str(info.value)
 
 
-def test_mobilevit_refusal_names_its_line(tmp_path: Path) -> None:
-    model = timm.create_model("mobilevit_xxs", pretrained=False)
-    src = tmp_path / "mvit.pt"
-    torch.save(model.state_dict(), src)
-    r = invoke("inspect", src, "--arch", "timm:create_model", "--arch-kwargs",
-               '{"model_name": "mobilevit_xxs"}', "--input-shape", "1,3,64,64")
-    assert (r.code, r.stdout) == (2, "")
-    assert_one_error_line(r.stderr, "control flow", "timm/models/mobilevit.py:",
-                          "(if new_h != H or new_w != W:)")
+class _SizeBranches(nn.Module):
+    """Branches on sizes only (MobileViT's patch resize, TinyViT's window check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if h.shape[-1] % 4 != 0:  # not taken at 8x8
+            h = nn.functional.interpolate(h, size=(4, 4))
+        return self.head(h * 2 if h.size(2) == 8 else h)
+
+
+class _BatchBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] == 1 else x
+
+
+def test_branches_on_sizes_are_taken_at_the_input_shape() -> None:
+    torch.manual_seed(0)
+    model = _SizeBranches().eval()
+    wide, result = morphcli.widen(model, "conv", by=3, input_shapes=[(1, 3, 8, 8)])
+    assert result.check.equivalent and result.exact
+    code = wide.code
+    assert "interpolate" not in code and "size" not in code and "shape" not in code
+    for batch in (1, 4):  # the traced branch is the model's at this input size
+        x = torch.randn(batch, 3, 8, 8)
+        assert_same_function(model, wide, [x], rtol=1e-6)
+    from morphcli.errors import TraceError
+
+    with pytest.raises(TraceError, match="branches on its input's sizes, at .*test_timm.py:"
+                       ".* does not compute the model at batch 3"):
+        morphcli.widen(nn.Sequential(nn.Linear(4, 4), _BatchBranch()), "0", by=2,
+                       input_shapes=[(1, 4)])
+
+
+def test_mobilevit_traces_at_its_input_shape(tmp_path: Path) -> None:
+    """MobileViT branches on its feature map's size: traced at 64x64, its widens are exact
+    against timm's own model."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", pretrained=False).eval()
+    gm = morphcli.load(model, input_shapes=[(1, 3, 64, 64)])
+    wide, result = morphcli.widen(gm, "stages.0.0.conv1_1x1.conv", factor=2)
+    assert result.check.equivalent and result.exact
+    assert_same_function(model, wide, [(2, 3, 64, 64)], rtol=1e-5)

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import io
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -21,20 +21,90 @@ from morphcli.rules import registry
 
 
 class _Tracer(fx.Tracer):
-    """torch.nn layers and morphcli's own modules stay single nodes named by their module path."""
+    """torch.nn layers and morphcli's own modules stay single nodes named by their module path.
+
+    Given example inputs, Python control flow on a traced value (``if H == ws:``, timm's
+    MobileViT, TinyViT, EfficientViT, TF "same" padding) takes the branch those inputs take:
+    the partial graph is run on them to decide it (``fixed`` records where)."""
+
+    def __init__(self, example: list[object] | None = None) -> None:
+        super().__init__()
+        self.example = example  # one value per placeholder, in order
+        self.fixed: list[str] = []  # the model lines whose branch was taken at these sizes
+        self.decided: list[fx.Node] = []  # their conditions, removed after tracing if unused
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m).__module__.startswith("morphcli.") or registry.is_leaf(type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self._evaluate(obj.node) if _reads_sizes_only(obj.node) else None
+        if value is None:
+            return super().to_bool(obj)  # raises fx's TraceError: no example to decide on
+        self.fixed.append(_caller_line())
+        self.decided.append(obj.node)
+        return bool(value)
+
+    def _evaluate(self, node: fx.Node) -> object | None:
+        """``node``'s value when the graph traced so far runs on the example inputs."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if self.example is None or len(placeholders) != len(self.example):
+            return None
+        copy, values = fx.Graph(), {}  # type: ignore[var-annotated]
+        copy.graph_copy(self.graph, values)
+        copy.output(values[node])
+        try:
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), _unpatched():
+                return fx.GraphModule(self.root, copy)(*self.example)
+        except Exception:
+            return None
+
+
+def _reads_sizes_only(node: fx.Node) -> bool:
+    """Whether ``node`` is arithmetic on sizes read from tensors (``x.shape``, ``x.size()``),
+    never on tensor values: a branch on values must not be fixed at one example."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_method" and n.target in ("size", "dim"):
+            continue
+        if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and \
+                n.args[1] in ("shape", "ndim"):
+            continue
+        module = getattr(n.target, "__module__", None)
+        if n.op != "call_function" or module not in ("_operator", "math", "builtins"):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+# nn.Module's own methods: tracing patches them to record calls, which running the partial
+# graph on real tensors must not do.
+_MODULE_CALL, _MODULE_GETATTR = nn.Module.__call__, nn.Module.__getattr__
+
+
+@contextlib.contextmanager
+def _unpatched() -> Iterator[None]:
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
+
 
 def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
-          source: str | None = None, n_inputs: int | None = None) -> fx.GraphModule:
+          source: str | None = None, n_inputs: int | None = None,
+          shapes: Sequence[tuple[int, ...]] | None = None) -> fx.GraphModule:
     """Trace ``module`` (in eval mode) into a GraphModule and attach ``inputs`` to it.
     ``source`` (the file) starts the message when a layer's name cannot be used.
     Arguments of ``forward`` with a plain default (``attn_mask=None``, ``is_causal=False``) are
     fixed at it and are no inputs, unless ``n_inputs`` (or ``inputs``) asks for that many.
+    Branches on sizes are taken as ``inputs`` (or float inputs of ``shapes``) take them.
 
     >>> gm = trace(nn.Sequential(nn.Linear(4, 2)), [InputSpec((1, 4))])
     """
@@ -46,8 +116,17 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
         was_training = module.training
         module.eval()
         fixed = _fixed_defaults(module, len(inputs) if inputs is not None else n_inputs)
+        given = inputs or ([InputSpec(tuple(x), _float_dtype(module)) for x in shapes]
+                           if shapes else None)
+        tracer = _Tracer(_example(module, given, fixed))
         try:
-            graph = _Tracer().trace(module, concrete_args=fixed or None)
+            graph = tracer.trace(module, concrete_args=fixed or None)
+            for node in reversed(dict.fromkeys(tracer.decided)):
+                _erase_unused(node)
+            if tracer.fixed:
+                _check_branches(module, graph, given or (), fixed, tracer.fixed)
+        except TraceError:
+            raise
         except Exception as e:  # fx raises many types; all mean "cannot follow this model"
             raise TraceError(f"cannot trace the model with torch.fx: {_first_line(e)}"
                              f"{_model_line(e)}") from e
@@ -64,6 +143,92 @@ def trace(module: nn.Module, inputs: Sequence[InputSpec] | None = None, *,
         gm.meta[INPUTS_META] = tuple(inputs)
         propagate_shapes(gm)
     return gm
+
+
+def _example(module: nn.Module, inputs: Sequence[InputSpec] | None, fixed: dict[str, object],
+             batch: int | None = None, seed: int = 0) -> list[object] | None:
+    """A value for each placeholder fx makes for ``module.forward``: the example inputs in
+    order, the fixed defaults at their values (None: no inputs to decide branches on)."""
+    if not inputs:
+        return None
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    tensors = list(example_inputs(inputs, batch_size=batch, seed=seed))
+    out: list[object] = []
+    for p in params:
+        if p.name in fixed:
+            out.append(fixed[p.name])
+        elif tensors:
+            out.append(tensors.pop(0))
+        else:
+            return None
+    return out
+
+
+def _check_branches(module: nn.Module, graph: fx.Graph, inputs: Sequence[InputSpec],
+                    fixed: dict[str, object], lines: list[str]) -> None:
+    """A graph traced with branches taken at the example sizes must compute what the model
+    does at other batch sizes too (a branch on the batch size would not)."""
+    gm = fx.GraphModule(module, graph)
+    for batch in (1, 3):
+        args = _example(module, inputs, fixed, batch, seed=batch)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                assert args is not None  # (the tracer had them)
+                want, got = module(*args), gm(*args)
+                same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in
+                           zip(_tensors(want), _tensors(got), strict=True))
+            except Exception:
+                same = False
+        if not same:
+            raise TraceError(
+                "cannot trace the model with torch.fx: it branches on its input's sizes, at "
+                f"{lines[0]}, and the branch taken at the given --input-shape does not "
+                f"compute the model at batch {batch}")
+
+
+def _float_dtype(module: nn.Module) -> str:
+    p = next((t for t in module.parameters() if t.is_floating_point()), None)
+    return str(p.dtype).removeprefix("torch.") if p is not None else "float32"
+
+
+def _tensors(out: object) -> list[torch.Tensor]:
+    from morphcli.io.checkpoint import flatten_outputs
+
+    return list(flatten_outputs(out))
+
+
+def _caller_line() -> str:
+    """The model's line (outside torch and morphcli) that is deciding a branch now."""
+    import os
+    import traceback
+
+    import morphcli
+
+    skip = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, morphcli))
+    frames = [f for f in traceback.extract_stack()
+              if not f.filename.startswith(skip) and not f.filename.startswith("<")]
+    if not frames:
+        return "a line of the model"
+    f = frames[-1]
+    path = f.filename.split(f"site-packages{os.sep}", 1)[-1]
+    return f"{path}:{f.lineno} ({(f.line or '').strip()[:80]})"
+
+
+def _erase_unused(node: fx.Node) -> None:
+    """Remove a decided condition and what only it used (size reads, comparisons)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "output"):
+            continue
+        inputs = list(n.all_input_nodes)
+        n.graph.erase_node(n)
+        todo.extend(inputs)
 
 
 def check_names(module: nn.Module, source: str | None = None) -> None:

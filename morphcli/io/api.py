@@ -228,9 +228,9 @@ def to_graph_module(
             raise InputError(f"{ckpt.source}: --arch is only for state_dict files; this file "
                              "already describes its architecture")
     elif ckpt.module is not None:
-        gm = trace(ckpt.module, source=ckpt.source, n_inputs=n_inputs)
+        gm = trace(ckpt.module, source=ckpt.source, n_inputs=n_inputs, shapes=input_shapes)
     elif ckpt.training is not None:
-        gm = _from_training(ckpt, arch, arch_kwargs, key, n_inputs)
+        gm = _from_training(ckpt, arch, arch_kwargs, key, input_shapes)
     elif ckpt.state_dict is not None:
         if not arch:
             raise InputError(
@@ -241,7 +241,7 @@ def to_graph_module(
 
         module = build_arch(arch, arch_kwargs)
         _load_state_dict(module, ckpt.state_dict, ckpt.source, arch)
-        gm = trace(module, source=ckpt.source, n_inputs=n_inputs)
+        gm = trace(module, source=ckpt.source, n_inputs=n_inputs, shapes=input_shapes)
     else:  # pragma: no cover - read_checkpoint always fills one field
         raise InputError(f"{ckpt.source}: nothing to load")
     warn_if_not_finite(ckpt.source, [*gm.named_parameters(), *gm.named_buffers()])
@@ -258,7 +258,8 @@ def to_graph_module(
 
 
 def _from_training(ckpt: Checkpoint, arch: str | None, arch_kwargs: dict[str, Any] | None,
-                   key: str | None, n_inputs: int | None) -> fx.GraphModule:
+                   key: str | None,
+                   input_shapes: Sequence[tuple[int, ...]] | None) -> fx.GraphModule:
     """The model of a training checkpoint: rebuilt from the architecture morph stored in it,
     or built with --arch; the checkpoint's other entries ride along in ``gm.meta``."""
     from morphcli.io import training as tr
@@ -289,7 +290,8 @@ def _from_training(ckpt: Checkpoint, arch: str | None, arch_kwargs: dict[str, An
     state = tr.split_prefix(t, state, set(module.state_dict()))
     _load_state_dict(module, state, f"{ckpt.source} (entry {t.key!r})", arch)
     order = [n for n, _ in module.named_parameters()]  # what the optimizer's ids count
-    gm = trace(module, source=ckpt.source, n_inputs=n_inputs)
+    gm = trace(module, source=ckpt.source, n_inputs=len(input_shapes) if input_shapes else None,
+               shapes=input_shapes)
     tr.attach(gm, t, order)
     return gm
 
