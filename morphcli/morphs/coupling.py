@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from morphcli.errors import UnsupportedMorphError
 from morphcli.graph.edit import tensor_shape
+from morphcli.morphs import coupling_split
 from morphcli.morphs.coupling_ops import (
     ELEMENTWISE_FUNCS,
     ELEMENTWISE_METHODS,
@@ -39,6 +40,7 @@ def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
     """The coupling plan for widening ``target``'s output (maps filled by ``assign_maps``)."""
     walker = _Walker(gm, target)
     walker.run()
+    coupling_split.finish(walker.plan)
     return walker.plan
 
 
@@ -159,6 +161,8 @@ class _Walker:
                 for part in arg(node, 0, "tensors", []):
                     self.join(part, dim, group)
                 return
+        if coupling_split.backward(self, node, dim, group):  # a concat's output, a piece
+            return
         if node.op == "call_method" and node.target in ("view", "reshape"):
             src = node.args[0]
             assert isinstance(src, fx.Node)  # view/reshape's first argument is the tensor
@@ -265,6 +269,8 @@ class _Walker:
     def through_op(self, node: fx.Node, user: fx.Node, dim: int, rank: int, group: Group) -> None:
         target = user.target
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if coupling_split.forward(self, node, user, dim, rank):  # a split, a slice
+            return
         if user.op == "call_function" and target is torch.cat:
             self.concat(node, user, dim, rank)
             return
