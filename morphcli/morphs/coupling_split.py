@@ -42,7 +42,8 @@ def forward(w: _Walker, node: fx.Node, user: fx.Node, dim: int, rank: int) -> bo
     ``node`` is a part of); False leaves it to the walk."""
     plan = w.plan
     group = plan.tensors[node][1]
-    if _is_cat(user) and user in plan.tensors and plan.tensors[user][1].source is not user:
+    if _is_cat(user) and arg(user, 1, "dim", 0) % rank == dim and user in plan.tensors and \
+            plan.tensors[user][1].source is not user:
         # a concat whose layout was set from its output's side: its parts are pieces of it
         layout = group.layout
         if isinstance(layout, Piece) and layout.whole is user:
