@@ -192,6 +192,18 @@ def test_slice_bounds_follow_the_residual_part() -> None:
     assert set(_rewired(result).values()) == {"0:9", "9:12"}
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("cls,layer,shape", [(ChunkOfOneConv, "a", SHAPE),
+                                             (Features, "fc", (4, 5))])
+def test_rewritten_splits_survive_save_and_load(tmp_path, cls: type[nn.Module], layer: str,
+                                                shape: tuple[int, ...], suffix: str) -> None:
+    model = _randomised(cls())
+    wide, _ = morphcli.widen(model, layer, by=3, input_shapes=[shape])
+    morphcli.save(wide, tmp_path / f"wide{suffix}", input_shapes=[shape])
+    back = morphcli.load(tmp_path / f"wide{suffix}")
+    assert assert_same_function(model, back, [shape], seeds=(0, 1)).max_rel < 1e-6
+
+
 class _Shuffle(nn.Module):
     def __init__(self) -> None:
         super().__init__()
