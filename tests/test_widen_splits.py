@@ -192,6 +192,35 @@ def test_slice_bounds_follow_the_residual_part() -> None:
     assert set(_rewired(result).values()) == {"0:9", "9:12"}
 
 
+class NormedChunks(nn.Module):
+    """A LayerNorm over the units, then chunked: every unit copied equally often, in each
+    half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.ln = nn.LayerNorm(8)
+        self.p = nn.Linear(4, 3)
+        self.q = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.ln(self.fc(x)).chunk(2, -1)
+        return self.p(u) * self.q(v)
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+def test_layernorm_then_chunk_replicates_within_each_half(init: str) -> None:
+    model = _randomised(NormedChunks())
+    wide, result = morphcli.widen(model, "fc", factor=2, init=init, input_shapes=[(4, 5)])
+    assert _rewired(result) == {"chunk": "[8, 8]"}
+    out_map = next(e for e in result.plan.layers if e.path == "fc").out_map
+    assert out_map is not None
+    assert out_map.src.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7]
+    assert assert_same_function(model, wide, [(4, 5)], seeds=(0, 1)).max_rel < 1e-6
+    with pytest.raises(UnsupportedMorphError, match="multiple of 8"):
+        morphcli.widen(model, "fc", by=3, input_shapes=[(4, 5)], check=NO_CHECK)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize("cls,layer,shape", [(ChunkOfOneConv, "a", SHAPE),
                                              (Features, "fc", (4, 5))])

@@ -89,8 +89,9 @@ def backward(w: _Walker, node: fx.Node, dim: int, group: Group) -> bool:
         return True
     plan = w.plan
     if whole in plan.tensors:
-        layout = plan.tensors[whole][1].layout
-        if not (isinstance(layout, Whole) and layout.whole is whole):
+        held_dim, held = plan.tensors[whole]
+        layout = held.layout
+        if not (isinstance(layout, Whole) and layout.whole is whole) or held_dim != whole_dim:
             w.refuse(node, "two differently laid out sets of units meet here")
         if _is_cat(whole):
             _cat_parts(w, whole, whole_dim)  # the parts under this piece now carry units
@@ -495,7 +496,7 @@ def rewrite(plan: Coupling) -> list[Change]:
                 raise UnsupportedMorphError(
                     f"cannot widen: the pieces of split {op.name!r} would not hold their own "
                     "units side by side")
-            _unchanged_pieces(plan, op, cmap, bounds, _split_pieces(op, len(sizes)) or [])
+            _check_pieces(plan, op, cmap, bounds, _split_pieces(op, len(sizes)) or [])
             old_text, axis = str(sizes), arg(op, 2, "dim", 0)
             op.target = "split" if op.op == "call_method" else torch.split
             op.args, op.kwargs = (whole, new), {"dim": axis}
@@ -509,7 +510,7 @@ def rewrite(plan: Coupling) -> list[Change]:
         if place is None:
             raise UnsupportedMorphError(
                 f"cannot widen: slice {op.name!r} would not hold its own units side by side")
-        _unchanged_pieces(plan, op, cmap, list(span), [[op]])
+        _check_pieces(plan, op, cmap, list(span), [[op]])
         index = op.args[1]
         items = list(index) if isinstance(index, tuple) else [index]
         items[pos] = slice(place[0], place[1])
@@ -519,14 +520,20 @@ def rewrite(plan: Coupling) -> list[Change]:
     return changes
 
 
-def _unchanged_pieces(plan: Coupling, op: fx.Node, cmap: ChannelMap, bounds: list[int],
-                      pieces: list[list[fx.Node]]) -> None:
-    """A piece the walk did not widen must keep exactly its old units."""
+def _check_pieces(plan: Coupling, op: fx.Node, cmap: ChannelMap, bounds: list[int],
+                  pieces: list[list[fx.Node]]) -> None:
+    """Every piece receives exactly its range of the whole's new layout: a widened piece has
+    that range's map, one the walk did not widen keeps exactly its old units."""
     for (lo, hi), nodes in zip(zip(bounds, bounds[1:], strict=False), pieces, strict=False):
-        if any(n in plan.tensors for n in nodes) or not nodes:
-            continue
         span = _place(cmap, lo, hi)
-        if span is None or span[1] - span[0] != hi - lo or bool(cmap.new[span[0]:span[1]].any()):
+        assert span is not None  # (checked by the caller)
+        cut = ChannelMap(cmap.src[span[0]:span[1]] - lo, cmap.new[span[0]:span[1]], hi - lo)
+        for n in nodes:
+            group = plan.tensors[n][1] if n in plan.tensors else None
+            if group is None and cut.same_as(ChannelMap.identity(hi - lo)):
+                continue
+            if group is not None and group.cmap is not None and group.cmap.same_as(cut):
+                continue
             raise UnsupportedMorphError(
-                f"cannot widen: piece {nodes[0].name!r} of {op.name!r} would receive new units "
-                "that nothing downstream of it expects")
+                f"cannot widen: piece {n.name!r} of {op.name!r} would not receive the units "
+                "its consumers are widened for")
