@@ -221,6 +221,55 @@ def test_layernorm_then_chunk_replicates_within_each_half(init: str) -> None:
         morphcli.widen(model, "fc", by=3, input_shapes=[(4, 5)], check=NO_CHECK)
 
 
+class TiedChunks(nn.Module):
+    """EdgeNeXt: a depthwise conv's output (the first chunk's units) added to the second
+    chunk, so both chunks must carry the same units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.o = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = self.a(x).chunk(2, 1)
+        return self.o(self.dw(p) + q)
+
+
+class Ghost(nn.Module):
+    """GhostNet: ``cat([x1, dw(x1)])[:, :out]`` added to a residual stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.primary = nn.Conv2d(8, 4, 1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.o = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.stem(x))
+        x1 = self.primary(h)
+        return self.o(torch.cat([x1, self.cheap(x1)], 1)[:, :8] + h)
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("cls,layer", [(TiedChunks, "a"), (Ghost, "stem")])
+def test_pieces_that_carry_the_same_units_grow_alike(cls: type[nn.Module], layer: str,
+                                                     init: str) -> None:
+    model = _randomised(cls())
+    for by in (2, 6):
+        wide, result = morphcli.widen(model, layer, by=by, init=init, input_shapes=[SHAPE])
+        out_map = next(e for e in result.plan.layers if e.path == layer).out_map
+        assert out_map is not None
+        half = (8 + by) // 2  # the two halves: the same units and copies, 4 apart
+        assert torch.equal(out_map.src[:half] + 4, out_map.src[half:])
+        assert torch.equal(out_map.new[:half], out_map.new[half:])
+        assert assert_same_function(model, wide, [SHAPE], seeds=(0, 1)).max_rel < 1e-6
+    with pytest.raises(UnsupportedMorphError, match="grow by the same number of units"):
+        morphcli.widen(model, layer, by=1, input_shapes=[SHAPE], check=NO_CHECK)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize("cls,layer,shape", [(ChunkOfOneConv, "a", SHAPE),
                                              (Features, "fc", (4, 5))])
@@ -267,26 +316,10 @@ class _Together(nn.Module):
         return self.o(torch.cat(parts[::-1], 1))
 
 
-class _TwoPiecesOneUnitSet(nn.Module):
-    """A depthwise conv's output (piece 0's units) added to piece 1: both pieces would need
-    the same layout."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
-        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
-        self.o = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p, q = self.a(x).chunk(2, 1)
-        return self.o(self.dw(p) + q)
-
-
 @pytest.mark.parametrize("cls,message", [
     (_Shuffle, "reads the widened size|splits the widened axis"),  # channel shuffle: a limit
     (_Strided, "slices the widened axis with a step"),
     (_Together, "pieces are used together"),
-    (_TwoPiecesOneUnitSet, "two differently laid out sets of units meet"),
 ])
 def test_splits_that_cannot_hold_their_units_are_refused(cls: type[nn.Module],
                                                          message: str) -> None:
@@ -300,6 +333,7 @@ timm = pytest.importorskip("timm")
 @pytest.mark.parametrize("name,layers", [
     ("cspresnet50", ["stages.0.conv_exp.conv", "stages.1.blocks.0.conv3.conv"]),
     ("rexnet_100", ["features.1.conv_pwl.conv", "features.2.conv_pwl.conv"]),
+    ("ghostnet_050", ["conv_stem", "blocks.1.0.ghost2.primary_conv.0"]),
 ])
 def test_timm_split_models_widen_exactly(name: str, layers: list[str]) -> None:
     from test_timm import _randomised as randomised_timm

@@ -85,7 +85,10 @@ class _Walker:
 
     def merge(self, keep: Group, drop: Group, where: fx.Node) -> None:
         # Each group has its own layout source (the widened layer, a concat or a flatten);
-        # two of them meeting at one tensor cannot both hold.
+        # two of them meeting at one tensor cannot both hold, unless both are pieces whose
+        # ranges of the root can grow alike.
+        if coupling_split.tie(self.plan, keep, drop):
+            return
         self.refuse(where, "two differently laid out sets of units meet here")
 
     def refuse(self, node: fx.Node, why: str) -> NoReturn:

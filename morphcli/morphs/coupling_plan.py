@@ -59,6 +59,10 @@ class Coupling:
     norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape
     cuts: list[fx.Node] = field(default_factory=list)  # split/chunk/slice ops whose sizes change
     segments: list[int] = field(default_factory=list)  # where the root map must keep units apart
+    # Pieces that must carry the same units (GhostNet's ``cat([x, dw(x)])``), as groups and as
+    # (start, start, length) ranges of the root's units that must grow alike.
+    ties: list[tuple[Group, Group]] = field(default_factory=list)
+    tied: list[tuple[int, int, int]] = field(default_factory=list)
 
     def map_of(self, node: fx.Node) -> ChannelMap:
         cmap = self.tensors[node][1].cmap

@@ -140,6 +140,17 @@ def _cat_parts(w: _Walker, cat: fx.Node, dim: int) -> None:
         start = end
 
 
+def tie(plan: Coupling, keep: Group, drop: Group) -> bool:
+    """Two pieces of equal width meet (a depthwise conv's output added to the next chunk):
+    accepted for ``finish`` to place, if their ranges of the root can grow alike."""
+    a, b = keep.layout, drop.layout
+    if not (isinstance(a, Piece) and isinstance(b, Piece) and a.hi - a.lo == b.hi - b.lo):
+        return False
+    if not any(k is keep and d is drop or k is drop and d is keep for k, d in plan.ties):
+        plan.ties.append((keep, drop))
+    return True
+
+
 # -- what a cut is
 
 
@@ -397,7 +408,60 @@ def finish(plan: Coupling) -> None:
             seen.add(id(group))
             _translate(plan, layout.whole, layout.lo, cuts, 0)
             _translate(plan, layout.whole, layout.hi, cuts, 0)
+    tied = [_tied_ranges(plan, a, b) for a, b in plan.ties]
+    plan.tied = [t for t in tied if t[0] != t[1]]  # (the same range: alike already)
+    for _ in range(len(plan.tied) + 1):  # each range of a tie is cut as the other one is
+        mirrored = {x + start for a, b, n in plan.tied for start in (a, b)
+                    for x in (0, n, *(c - a for c in cuts if a < c < a + n),
+                              *(c - b for c in cuts if b < c < b + n))}
+        if mirrored <= cuts:
+            break
+        cuts |= mirrored
     plan.segments = sorted(cuts)
+
+
+def _tied_ranges(plan: Coupling, a: Group, b: Group) -> tuple[int, int, int]:
+    pa, pb = a.layout, b.layout
+    assert isinstance(pa, Piece) and isinstance(pb, Piece)  # (tie accepts only pieces)
+    n = pa.hi - pa.lo
+    ra = _root_range(plan, pa.whole, pa.lo, pa.hi)
+    rb = _root_range(plan, pb.whole, pb.lo, pb.hi)
+    if ra is None or rb is None or 0 < abs(ra - rb) < n:
+        raise UnsupportedMorphError(
+            "cannot widen: two differently laid out sets of units meet (pieces of "
+            f"{pa.whole.name!r} and {pb.whole.name!r} that are not two ranges of the widened "
+            "layer's units)")
+    return ra, rb, n
+
+
+def _root_range(plan: Coupling, node: fx.Node, lo: int, hi: int) -> int | None:
+    """Where units ``lo:hi`` of ``node`` start among the root's units, if they are one range
+    of them."""
+    for _ in range(1000):
+        dim, group = plan.tensors[node]
+        layout, source = group.layout, group.source
+        if isinstance(layout, Piece):
+            node, lo, hi = layout.whole, lo + layout.lo, hi + layout.lo
+        elif isinstance(layout, Whole):
+            slot = [(a, n) for a, b, n in _slots(plan, layout.whole) if a <= lo and hi <= b]
+            if not slot:
+                return None
+            node, lo, hi = slot[0][1], lo - slot[0][0], hi - slot[0][0]
+        elif source is None:
+            return lo
+        elif _is_cat(source):
+            start, found = 0, None
+            for part in arg(source, 0, "tensors", []):
+                end = start + _width(part, dim)
+                if start <= lo and hi <= end and part in plan.tensors:
+                    found = (part, start)
+                start = end
+            if found is None:
+                return None
+            node, lo, hi = found[0], lo - found[1], hi - found[1]
+        else:
+            return None
+    return None
 
 
 def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int) -> None:
@@ -447,19 +511,81 @@ def _is_flatten(node: fx.Node) -> bool:
 def root_map(plan: Coupling, old: int, width: int, blocks: int, uniform: bool,
              gen: torch.Generator) -> ChannelMap:
     """The widened layer's map when pieces take ranges of its units: every range (and every
-    block of a grouped convolution) grows on its own, by its share of the new units."""
+    block of a grouped convolution) grows on its own, by its share of the new units; tied
+    ranges grow alike."""
     step = old // blocks
     edges = sorted({0, old, *plan.segments, *(step * k for k in range(1, blocks))})
     sizes = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+    if plan.tied and blocks > 1:
+        raise UnsupportedMorphError("cannot widen: pieces that must carry the same units meet "
+                                    "a grouped convolution")
+    classes = _tie_classes(edges, plan.tied)
     if uniform:
         grown = [s * (width // old) for s in sizes]
+    elif plan.tied:
+        grown = _tied_shares(sizes, classes, width)
     else:
         grown = []
         block_of = [a // step for a in edges[:-1]]
         for b in range(blocks):
             mine = [s for s, k in zip(sizes, block_of, strict=True) if k == b]
             grown.extend(_shares(mine, width // blocks))
-    return ChannelMap.grow_segments(sizes, grown, gen, replicate=uniform)
+    cmap = ChannelMap.grow_segments(sizes, grown, gen, replicate=uniform)
+    if not plan.tied:
+        return cmap
+    # every segment of a class takes the layout its first one drew
+    starts_old, starts_new = edges[:-1], [0, *_running(grown)][:-1]
+    src, new = cmap.src.clone(), cmap.new.clone()
+    for i, first in enumerate(classes):
+        if first != i:
+            a, b, n = starts_new[first], starts_new[i], grown[i]
+            src[b:b + n] = cmap.src[a:a + n] - starts_old[first] + starts_old[i]
+            new[b:b + n] = cmap.new[a:a + n]
+    return ChannelMap(src, new, old)
+
+
+def _tie_classes(edges: list[int], tied: list[tuple[int, int, int]]) -> list[int]:
+    """For each segment between ``edges``, the first segment it must grow like."""
+    index = {a: i for i, a in enumerate(edges[:-1])}
+    parent = list(range(len(index)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b, n in tied:
+        for x in edges:
+            if a <= x < a + n:
+                i, j = find(index[x]), find(index[x - a + b])
+                parent[max(i, j)] = min(i, j)
+    return [find(i) for i in range(len(parent))]
+
+
+def _tied_shares(sizes: list[int], classes: list[int], width: int) -> list[int]:
+    """``_shares`` where the segments of a class grow by the same number of units."""
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(classes):
+        members.setdefault(c, []).append(i)
+    firsts = sorted(members)
+    extra, old = width - sum(sizes), sum(sizes)
+    exact = [extra * sizes[c] / old for c in firsts]
+    per = [int(x) for x in exact]
+    left = extra - sum(p * len(members[c]) for p, c in zip(per, firsts, strict=True))
+    for k in sorted(range(len(firsts)), key=lambda k: (per[k] - exact[k], k)):
+        n = len(members[firsts[k]])
+        if n <= left:
+            per[k] += 1
+            left -= n
+    if left:
+        raise UnsupportedMorphError(
+            f"cannot widen to {width} units: pieces that must carry the same units grow by the "
+            "same number of units, which this width does not allow (e.g. --factor 2)")
+    out = list(sizes)
+    for p, c in zip(per, firsts, strict=True):
+        for i in members[c]:
+            out[i] += p
+    return out
 
 
 def _shares(sizes: list[int], total: int) -> list[int]:
@@ -479,6 +605,10 @@ def _shares(sizes: list[int], total: int) -> list[int]:
 
 def rewrite(plan: Coupling) -> list[Change]:
     """Split sizes and slice bounds of every cut of a widened tensor, to the new widths."""
+    for a, b in plan.ties:
+        if a.cmap is None or b.cmap is None or not a.cmap.same_as(b.cmap):
+            raise UnsupportedMorphError("cannot widen: two pieces that must carry the same "
+                                        "units would be laid out differently")
     changes = []
     for op in plan.cuts:
         whole = op.args[0]
