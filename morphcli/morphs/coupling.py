@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from morphcli.errors import UnsupportedMorphError
 from morphcli.graph.edit import tensor_shape
+from morphcli.morphs import coupling_split
 from morphcli.morphs.coupling_ops import (
     ELEMENTWISE_FUNCS,
     ELEMENTWISE_METHODS,
@@ -41,6 +42,7 @@ def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
     """The coupling plan for widening ``target``'s output (maps filled by ``assign_maps``)."""
     walker = _Walker(gm, target)
     walker.run()
+    coupling_split.finish(walker.plan)
     return walker.plan
 
 
@@ -85,7 +87,10 @@ class _Walker:
 
     def merge(self, keep: Group, drop: Group, where: fx.Node) -> None:
         # Each group has its own layout source (the widened layer, a concat or a flatten);
-        # two of them meeting at one tensor cannot both hold.
+        # two of them meeting at one tensor cannot both hold, unless both are pieces whose
+        # ranges of the root can grow alike.
+        if coupling_split.tie(self.plan, keep, drop):
+            return
         self.refuse(where, "two differently laid out sets of units meet here")
 
     def refuse(self, node: fx.Node, why: str) -> NoReturn:
@@ -161,6 +166,8 @@ class _Walker:
                 for part in arg(node, 0, "tensors", []):
                     self.join(part, dim, group)
                 return
+        if coupling_split.backward(self, node, dim, group):  # a concat's output, a piece
+            return
         if node.op == "call_method" and node.target in ("view", "reshape"):
             src = node.args[0]
             assert isinstance(src, fx.Node)  # view/reshape's first argument is the tensor
@@ -271,6 +278,8 @@ class _Walker:
     def through_op(self, node: fx.Node, user: fx.Node, dim: int, rank: int, group: Group) -> None:
         target = user.target
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if coupling_split.forward(self, node, user, dim, rank):  # a split, a slice
+            return
         if user.op == "call_function" and target is torch.cat:
             self.concat(node, user, dim, rank)
             return

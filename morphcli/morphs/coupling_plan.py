@@ -23,6 +23,26 @@ class Group:
     # A LayerNorm normalising over the units: every unit must be copied equally often
     # (ChannelMap.replicate), so that its mean and variance stay the same.
     uniform: fx.Node | None = None
+    # The group carries one range of another tensor's units (a split's piece, a concat's part)
+    # or assembles a tensor from its pieces' groups (``morphs.coupling_split``).
+    layout: Piece | Whole | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Units ``lo:hi`` of ``whole`` (old positions along the widened axis)."""
+
+    whole: fx.Node
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Whole:
+    """``whole``'s units are its pieces' units, side by side; what no widened piece covers
+    stays as it was."""
+
+    whole: fx.Node
 
 
 @dataclass
@@ -37,6 +57,12 @@ class Coupling:
     rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
     attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
     norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape
+    cuts: list[fx.Node] = field(default_factory=list)  # split/chunk/slice ops whose sizes change
+    segments: list[int] = field(default_factory=list)  # where the root map must keep units apart
+    # Pieces that must carry the same units (GhostNet's ``cat([x, dw(x)])``), as groups and as
+    # (start, start, length) ranges of the root's units that must grow alike.
+    ties: list[tuple[Group, Group]] = field(default_factory=list)
+    tied: list[tuple[int, int, int]] = field(default_factory=list)
 
     def map_of(self, node: fx.Node) -> ChannelMap:
         cmap = self.tensors[node][1].cmap

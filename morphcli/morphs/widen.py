@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_shape
 from morphcli.graph.layers import find_one_layer
-from morphcli.morphs import limits
+from morphcli.morphs import coupling_split, limits
 from morphcli.morphs.coupling import analyse
 from morphcli.morphs.coupling_plan import Coupling, assign_maps
 from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes, resize_layer
@@ -191,6 +191,8 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         root = ChannelMap.grow_blocks(old, width, blocks, gen)
     else:
         root = ChannelMap.grow(old, width, gen)
+    if plan.segments:  # pieces of a split take ranges of the units: each range grows apart
+        root = coupling_split.root_map(plan, old, width, blocks, group.uniform is not None, gen)
     if blocks > 1:
         result.notes.append(f"new units are added inside each of the {blocks} channel groups")
     assign_maps(plan, target, root)
@@ -204,6 +206,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         record.layers.append(entry)
         result.changes.extend(_diff(entry.path, entry.old, new_module))
     result.changes.extend(_rewrite_reshapes(plan))
+    result.changes.extend(coupling_split.rewrite(plan))
     result.changes.extend(_rewrite_norm_shapes(plan))
     result.changes.extend(_resize_attrs(gm, plan, record))
     coupled = [str(p.target) for p in plan.producers if p is not target]

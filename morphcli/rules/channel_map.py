@@ -46,6 +46,22 @@ class ChannelMap:
         return ChannelMap(src, torch.cat([p.new for p in parts]), old)
 
     @staticmethod
+    def grow_segments(old_sizes: list[int], new_sizes: list[int], gen: torch.Generator,
+                      replicate: bool = False) -> ChannelMap:
+        """``grow`` (or ``replicate``) each consecutive segment of the units on its own: the
+        new units of a segment follow it and copy units of it (pieces of a split)."""
+        src, new, start = [], [], 0
+        for old, width in zip(old_sizes, new_sizes, strict=True):
+            if old:
+                part = (ChannelMap.replicate(old, width) if replicate
+                        else ChannelMap.grow(old, width, gen))
+                src.append(part.src + start)
+                new.append(part.new)
+            start += old
+        empty = torch.zeros(0, dtype=torch.long)
+        return ChannelMap(torch.cat([empty, *src]), torch.cat([empty.bool(), *new]), start)
+
+    @staticmethod
     def replicate(old: int, new_width: int, blocks: int = 1) -> ChannelMap:
         """Every unit copied ``new_width // old`` times, within each of ``blocks`` blocks (the
         original units first in each block, as ``grow_blocks`` places them): the layout that

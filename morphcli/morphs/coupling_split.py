@@ -1,0 +1,669 @@
+"""Splits along the widened axis, for the coupling walk (``morphs.coupling``).
+
+A split (``split``, ``chunk``, ``tensor_split``, a slice ``x[:, a:b]``) cuts a tensor (the
+whole) into pieces that each hold a range of its units; a concatenation is the same cut seen
+from the other side. Walking forward into a split, each piece gets a group whose map is its
+range of the whole's map. Walking backward from a piece (or a concat's output), the whole's map
+is assembled from the maps of its widened pieces, its other units left as they are. For a
+piece to receive exactly its old units and the new copies of them, the root map keeps the
+units of every range together (``Coupling.segments``, used by ``root_map``); the split sizes and
+slice bounds are then rewritten to the new widths (``rewrite``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+
+from morphcli.errors import UnsupportedMorphError
+from morphcli.graph.edit import tensor_shape
+from morphcli.morphs.coupling_ops import arg
+from morphcli.morphs.coupling_plan import Coupling, Group, Piece, Whole
+from morphcli.morphs.result import Change
+from morphcli.rules.channel_map import ChannelMap
+
+if TYPE_CHECKING:
+    from morphcli.morphs.coupling import _Walker
+
+SPLIT_METHODS = {"split", "split_with_sizes", "chunk", "tensor_split"}
+SPLIT_FUNCS: set[Any] = {torch.split, torch.chunk, torch.tensor_split}
+Range = tuple[int, int]
+
+
+# -- the walk
+
+
+def forward(w: _Walker, node: fx.Node, user: fx.Node, dim: int, rank: int) -> bool:
+    """``user`` reads the widened ``node``: handled here if it cuts it (or is the concat that
+    ``node`` is a part of); False leaves it to the walk."""
+    plan = w.plan
+    group = plan.tensors[node][1]
+    if _is_cat(user) and arg(user, 1, "dim", 0) % rank == dim and user in plan.tensors and \
+            plan.tensors[user][1].source is not user:
+        # a concat whose layout was set from its output's side: its parts are pieces of it
+        layout = group.layout
+        if isinstance(layout, Piece) and layout.whole is user:
+            return True
+        w.refuse(user, "two differently laid out sets of units meet here")
+    cut = _cut_of(w, user, node, dim, rank)
+    if cut is None:
+        return False
+    ranges, pieces, out_dims, along = cut
+    if not along:  # cut along another axis: every piece has every unit
+        for nodes, d in zip(pieces, out_dims, strict=True):
+            for p in nodes:
+                w.follow(p, d, group)
+        return True
+    if user not in plan.cuts:
+        plan.cuts.append(user)
+    if isinstance(group.layout, Whole) and group.layout.whole is node:
+        return True  # its map is assembled from its pieces; the others keep their units
+    for (lo, hi), nodes, d in zip(ranges, pieces, out_dims, strict=True):
+        if nodes:
+            _restricted(w, node, nodes, lo, hi, d, source=nodes[0])
+    return True
+
+
+def backward(w: _Walker, node: fx.Node, dim: int, group: Group) -> bool:
+    """``node`` must carry ``group``'s units: handled here if it is a concat along the units
+    or a piece of a cut tensor; False leaves it to the walk."""
+    if _is_cat(node):
+        rank = len(tensor_shape(node) or ())
+        if arg(node, 1, "dim", 0) % rank != dim:
+            return False
+        _cat_parts(w, node, dim)
+        return True
+    found = _piece_of(w, node, dim)
+    if found is None:
+        return False
+    whole, whole_dim, siblings, along = found
+    for s in siblings:  # the same piece read twice (``xs[0]`` at two places)
+        if s is not node:
+            w.follow(s, dim, group)
+    if not along:  # cut along another axis: the whole has the same units
+        w.join(whole, whole_dim, group)
+        return True
+    plan = w.plan
+    if whole in plan.tensors:
+        held_dim, held = plan.tensors[whole]
+        layout = held.layout
+        if not (isinstance(layout, Whole) and layout.whole is whole) or held_dim != whole_dim:
+            w.refuse(node, "two differently laid out sets of units meet here")
+        if _is_cat(whole):
+            _cat_parts(w, whole, whole_dim)  # the parts under this piece now carry units
+        return True
+    assembled = Group(node, layout=Whole(whole))
+    plan.derived[whole] = lambda: _assemble(plan, whole)
+    w.join(whole, whole_dim, assembled)
+    return True
+
+
+def _restricted(w: _Walker, whole: fx.Node, nodes: list[fx.Node], lo: int, hi: int,
+                dim: int, source: fx.Node) -> None:
+    """``nodes`` carry units ``lo:hi`` of ``whole``: one new group, its map cut from the
+    whole's. ``source`` is the piece itself for a split's output (its units come from the
+    whole), or the concat for a concat's part (whose own producers must then be walked)."""
+    plan = w.plan
+    group = Group(source, layout=Piece(whole, lo, hi))
+    plan.derived[nodes[0]] = lambda: _cut_map(plan, whole, lo, hi, nodes[0])
+    for n in nodes:
+        if source is nodes[0]:
+            w.follow(n, dim, group)  # (no walk back from a split's piece: the whole is known)
+        else:
+            w.join(n, dim, group)
+
+
+def _cat_parts(w: _Walker, cat: fx.Node, dim: int) -> None:
+    """A concat whose output's layout is given: each part under a widened range carries that
+    range of it."""
+    plan = w.plan
+    layout = plan.tensors[cat][1].layout
+    width = _width(cat, dim)
+    covered = ([(lo, hi) for lo, hi, _ in _slots(plan, cat)]
+               if isinstance(layout, Whole) and layout.whole is cat else [(0, width)])
+    start = 0
+    for part in arg(cat, 0, "tensors", []):
+        if not isinstance(part, fx.Node):
+            w.refuse(cat, "one of its parts is not a tensor of the graph")
+        end = start + _width(part, dim)
+        if any(lo < end and start < hi for lo, hi in covered) and end > start:
+            have = plan.tensors.get(part)
+            ok = have is not None and isinstance(have[1].layout, Piece) and \
+                have[1].layout.whole is cat and (have[1].layout.lo, have[1].layout.hi) == \
+                (start, end)
+            if not ok:
+                _restricted(w, cat, [part], start, end, dim, source=cat)
+        start = end
+
+
+def tie(plan: Coupling, keep: Group, drop: Group) -> bool:
+    """Two pieces of equal width meet (a depthwise conv's output added to the next chunk):
+    accepted for ``finish`` to place, if their ranges of the root can grow alike."""
+    a, b = keep.layout, drop.layout
+    if not (isinstance(a, Piece) and isinstance(b, Piece) and a.hi - a.lo == b.hi - b.lo):
+        return False
+    if not any(k is keep and d is drop or k is drop and d is keep for k, d in plan.ties):
+        plan.ties.append((keep, drop))
+    return True
+
+
+# -- what a cut is
+
+
+def _is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.cat
+
+
+def _is_split(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in SPLIT_METHODS
+    return node.op == "call_function" and node.target in SPLIT_FUNCS
+
+
+def _width(node: fx.Node, dim: int) -> int:
+    shape = tensor_shape(node)
+    assert shape is not None  # every tensor the walk reaches has a known shape
+    return int(shape[dim])
+
+
+def _cut_axis(op: fx.Node, rank: int) -> int:
+    """The input axis a split cuts along."""
+    return int(arg(op, 2, "dim", 0)) % rank
+
+
+def _cut_of(w: _Walker, op: fx.Node, whole: fx.Node, dim: int, rank: int
+            ) -> tuple[list[Range], list[list[fx.Node]], list[int], bool] | None:
+    """For a split or slice ``op`` of ``whole``: the old unit range of each piece along
+    ``dim``, the nodes holding each piece, the axis the units land on in each, and whether
+    it cuts along ``dim`` at all; None if ``op`` is no cut of the units."""
+    if _is_split(op):
+        if op.args[0] is not whole:
+            return None
+        axis = int(arg(op, 2, "dim", 0)) % rank
+        sizes = _split_sizes(op, _width(whole, axis))
+        if sizes is None:
+            w.refuse(op, "its split sizes are computed at run time or cannot be read")
+        pieces = _split_pieces(op, len(sizes))
+        if pieces is None:
+            w.refuse(op, "its pieces are used together (only xs[i] of a split is followed)")
+        if axis != dim:
+            return [(0, _width(whole, dim))] * len(sizes), pieces, [dim] * len(sizes), False
+        bounds = [0, *_running(sizes)]
+        return list(zip(bounds, bounds[1:], strict=False)), pieces, [dim] * len(sizes), True
+    if op.op != "call_function" or op.target is not operator.getitem or op.args[0] is not whole:
+        return None
+    entries = _slice_entries(op)
+    if entries is None:
+        return None
+    at = [e for e in entries if e[1] == dim]
+    if not at:
+        return None
+    item, _, out_axis, _ = at[0]
+    if not isinstance(item, slice) or item == slice(None) or out_axis is None:
+        return None  # an integer index drops the axis: left to the walk, which refuses it
+    span = _slice_range(item, _width(whole, dim))
+    if span is None:
+        w.refuse(op, "it slices the widened axis with a step or computed bounds")
+    return [span], [[op]], [out_axis], True
+
+
+def _running(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for s in sizes:
+        total += s
+        out.append(total)
+    return out
+
+
+def _split_sizes(op: fx.Node, width: int) -> list[int] | None:
+    """The piece sizes ``op`` cuts ``width`` units into, as torch computes them."""
+    size = op.args[1] if len(op.args) > 1 else next(
+        (v for k, v in op.kwargs.items() if k != "dim"), None)
+    name = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", "")
+    if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
+        if name == "tensor_split":
+            bounds = [0, *(min(max(int(s), 0), width) for s in size), width]
+            return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        return [int(s) for s in size] if sum(size) == width else None
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return None
+    if name == "tensor_split":
+        return [width // size + (i < width % size) for i in range(size)]
+    step = math.ceil(width / size) if name == "chunk" else size
+    if step == 0:
+        return None
+    return [step] * (width // step) + ([width % step] if width % step else [])
+
+
+def _split_pieces(op: fx.Node, n: int) -> list[list[fx.Node]] | None:
+    pieces: list[list[fx.Node]] = [[] for _ in range(n)]
+    for u in op.users:
+        index = u.args[1] if len(u.args) > 1 else None
+        if u.op != "call_function" or u.target is not operator.getitem or \
+                not isinstance(index, int) or not -n <= index < n:
+            return None
+        pieces[index % n].append(u)
+    return pieces
+
+
+def _slice_entries(op: fx.Node) -> list[tuple[Any, int | None, int | None, int | None]] | None:
+    """``x[index]`` as (item, input axis, output axis, position in the index) per entry; None
+    unless the index holds only slices, integers, None and Ellipsis."""
+    if op.op != "call_function" or op.target is not operator.getitem:
+        return None
+    src = op.args[0]
+    shape = tensor_shape(src) if isinstance(src, fx.Node) else None
+    index = op.args[1]
+    if shape is None:
+        return None
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not all(i is None or i is Ellipsis or isinstance(i, (slice, int)) for i in items) or \
+            any(isinstance(i, bool) for i in items):
+        return None
+    rank = len(shape)
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    entries: list[tuple[Any, int | None, int | None, int | None]] = []
+    axis = out = 0
+    for pos, item in enumerate(items):
+        if item is Ellipsis:
+            for _ in range(rank - consumed):
+                entries.append((slice(None), axis, out, None))
+                axis, out = axis + 1, out + 1
+        elif item is None:
+            entries.append((None, None, out, pos))
+            out += 1
+        else:
+            keeps = isinstance(item, slice)
+            entries.append((item, axis, out if keeps else None, pos))
+            axis, out = axis + 1, out + keeps
+    while axis < rank:
+        entries.append((slice(None), axis, out, None))
+        axis, out = axis + 1, out + 1
+    return entries
+
+
+def _slice_range(item: slice, width: int) -> Range | None:
+    if item.step not in (None, 1) or not all(
+            b is None or (isinstance(b, int) and not isinstance(b, bool))
+            for b in (item.start, item.stop)):
+        return None
+    lo, hi, _ = item.indices(width)
+    return lo, max(lo, hi)
+
+
+def _piece_of(w: _Walker, node: fx.Node, dim: int
+              ) -> tuple[fx.Node, int, list[fx.Node], bool] | None:
+    """If ``node`` is a piece of a split or slice: (the whole, the whole's axis for ``dim``,
+    every node holding the same piece, whether the cut narrows that axis)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return None
+    if _is_split(src):
+        whole = src.args[0]
+        if not isinstance(whole, fx.Node):
+            return None
+        axis = _cut_axis(src, len(tensor_shape(whole) or ()))
+        sizes = _split_sizes(src, _width(whole, axis))
+        pieces = _split_pieces(src, len(sizes)) if sizes is not None else None
+        if pieces is None:
+            w.refuse(src, "its split sizes or the use of its pieces cannot be followed")
+        same = next(p for p in pieces if node in p)
+        return whole, dim, same, axis == dim
+    entries = _slice_entries(node)
+    if entries is None:
+        return None
+    at = [e for e in entries if e[2] == dim and e[1] is not None]
+    if not at:
+        return None
+    item, in_axis = at[0][0], at[0][1]
+    assert in_axis is not None
+    return src, in_axis, [node], isinstance(item, slice) and item != slice(None)
+
+
+# -- maps
+
+
+def _slots(plan: Coupling, whole: fx.Node) -> list[tuple[int, int, fx.Node]]:
+    """The widened pieces of ``whole`` (a tensor assembled from them), by old range."""
+    dim = plan.tensors[whole][0]
+    rank = len(tensor_shape(whole) or ())
+    found: dict[Range, fx.Node] = {}
+    for op in whole.users:
+        ranges: list[Range]
+        if _is_split(op) and op.args[0] is whole and _cut_axis(op, rank) == dim:
+            sizes = _split_sizes(op, _width(whole, dim)) or []
+            bounds = [0, *_running(sizes)]
+            ranges = list(zip(bounds, bounds[1:], strict=False))
+            pieces = _split_pieces(op, len(sizes)) or [[] for _ in sizes]
+        else:
+            item = next((e[0] for e in _slice_entries(op) or [] if e[1] == dim), None)
+            span = _slice_range(item, _width(whole, dim)) if isinstance(item, slice) and \
+                item != slice(None) and op.args[0] is whole else None
+            if span is None:
+                continue
+            ranges, pieces = [span], [[op]]
+        for span, nodes in zip(ranges, pieces, strict=True):
+            held = [n for n in nodes if n in plan.tensors]
+            if held and span[1] > span[0]:
+                found.setdefault(span, held[0])
+    slots = sorted((lo, hi, n) for (lo, hi), n in found.items())
+    for (_, hi, a), (lo, _, b) in zip(slots, slots[1:], strict=False):
+        if lo < hi:
+            raise UnsupportedMorphError(
+                f"cannot widen: pieces {a.name!r} and {b.name!r} of {whole.name!r} overlap, "
+                "and their units cannot be laid out for both")
+    return slots
+
+
+def _assemble(plan: Coupling, whole: fx.Node) -> ChannelMap:
+    """The map of a tensor built from its widened pieces' maps; units no widened piece covers
+    stay as they were."""
+    width = _width(whole, plan.tensors[whole][0])
+    out = ChannelMap.identity(0)
+    at = 0
+    for lo, hi, node in _slots(plan, whole):
+        out = out.concat(ChannelMap.identity(lo - at)).concat(plan.map_of(node))
+        at = hi
+    return out.concat(ChannelMap.identity(width - at))
+
+
+def _place(cmap: ChannelMap, lo: int, hi: int) -> Range | None:
+    """Where units ``lo:hi`` and their copies sit in the new layout; None if apart."""
+    inside = ((cmap.src >= lo) & (cmap.src < hi)).nonzero().flatten()
+    if inside.numel() == 0:
+        at = int((cmap.src < lo).sum())
+        return at, at
+    a, b = int(inside[0]), int(inside[-1]) + 1
+    return (a, b) if b - a == inside.numel() else None
+
+
+def _cut_map(plan: Coupling, whole: fx.Node, lo: int, hi: int, node: fx.Node) -> ChannelMap:
+    cmap = plan.map_of(whole)  # (an AssertionError while the whole's map is not known yet)
+    span = _place(cmap, lo, hi)
+    if span is None:
+        raise UnsupportedMorphError(
+            f"cannot widen: node {node.name!r} takes units {lo}:{hi} of {whole.name!r}, and "
+            "the new units of that range cannot be kept next to them")
+    a, b = span
+    return ChannelMap(cmap.src[a:b] - lo, cmap.new[a:b], hi - lo)
+
+
+# -- where the root map must keep units together
+
+
+def finish(plan: Coupling) -> None:
+    """Every range a piece takes, in the root's old units: ``root_map`` grows each range on
+    its own so that its new units sit beside it."""
+    cuts: set[int] = set()
+    seen: set[int] = set()
+    for _, group in plan.tensors.values():
+        layout = group.layout
+        if isinstance(layout, Piece) and id(group) not in seen:
+            seen.add(id(group))
+            _translate(plan, layout.whole, layout.lo, cuts, 0)
+            _translate(plan, layout.whole, layout.hi, cuts, 0)
+    tied = [_tied_ranges(plan, a, b) for a, b in plan.ties]
+    plan.tied = [t for t in tied if t[0] != t[1]]  # (the same range: alike already)
+    for _ in range(len(plan.tied) + 1):  # each range of a tie is cut as the other one is
+        mirrored = {x + start for a, b, n in plan.tied for start in (a, b)
+                    for x in (0, n, *(c - a for c in cuts if a < c < a + n),
+                              *(c - b for c in cuts if b < c < b + n))}
+        if mirrored <= cuts:
+            break
+        cuts |= mirrored
+    plan.segments = sorted(cuts)
+
+
+def _tied_ranges(plan: Coupling, a: Group, b: Group) -> tuple[int, int, int]:
+    pa, pb = a.layout, b.layout
+    assert isinstance(pa, Piece) and isinstance(pb, Piece)  # (tie accepts only pieces)
+    n = pa.hi - pa.lo
+    ra = _root_range(plan, pa.whole, pa.lo, pa.hi)
+    rb = _root_range(plan, pb.whole, pb.lo, pb.hi)
+    if ra is None or rb is None or 0 < abs(ra - rb) < n:
+        raise UnsupportedMorphError(
+            "cannot widen: two differently laid out sets of units meet (pieces of "
+            f"{pa.whole.name!r} and {pb.whole.name!r} that are not two ranges of the widened "
+            "layer's units)")
+    return ra, rb, n
+
+
+def _root_range(plan: Coupling, node: fx.Node, lo: int, hi: int) -> int | None:
+    """Where units ``lo:hi`` of ``node`` start among the root's units, if they are one range
+    of them."""
+    for _ in range(1000):
+        dim, group = plan.tensors[node]
+        layout, source = group.layout, group.source
+        if isinstance(layout, Piece):
+            node, lo, hi = layout.whole, lo + layout.lo, hi + layout.lo
+        elif isinstance(layout, Whole):
+            slot = [(a, n) for a, b, n in _slots(plan, layout.whole) if a <= lo and hi <= b]
+            if not slot:
+                return None
+            node, lo, hi = slot[0][1], lo - slot[0][0], hi - slot[0][0]
+        elif source is None:
+            return lo
+        elif _is_cat(source):
+            start, found = 0, None
+            for part in arg(source, 0, "tensors", []):
+                end = start + _width(part, dim)
+                if start <= lo and hi <= end and part in plan.tensors:
+                    found = (part, start)
+                start = end
+            if found is None:
+                return None
+            node, lo, hi = found[0], lo - found[1], hi - found[1]
+        else:
+            return None
+    return None
+
+
+def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int) -> None:
+    """Unit boundary ``p`` of ``node`` as a boundary of the root's units (if it falls inside
+    widened units at all)."""
+    dim, group = plan.tensors[node]
+    if p <= 0 or p >= _width(node, dim):
+        return
+    if depth > 1000:
+        raise UnsupportedMorphError("cannot widen: the split layouts nest too deeply")
+    layout, source = group.layout, group.source
+    if isinstance(layout, Piece):
+        _translate(plan, layout.whole, p + layout.lo, out, depth + 1)
+    elif isinstance(layout, Whole):
+        for lo, hi, piece in _slots(plan, layout.whole):
+            if lo < p < hi:
+                _translate(plan, piece, p - lo, out, depth + 1)
+    elif source is None:
+        out.add(p)
+    elif _is_cat(source):
+        start = 0
+        for part in arg(source, 0, "tensors", []):
+            end = start + _width(part, dim)
+            if start < p < end and part in plan.tensors:
+                _translate(plan, part, p - start, out, depth + 1)
+            start = end
+    elif _is_flatten(source) and isinstance(source.args[0], fx.Node) and \
+            source.args[0] in plan.tensors:
+        inp = source.args[0]
+        block = _width(source, plan.tensors[source][0]) // _width(inp, plan.tensors[inp][0])
+        if p % block:
+            raise UnsupportedMorphError(
+                f"cannot widen: a split cuts through the features that {source.name!r} "
+                "flattens out of one unit")
+        _translate(plan, inp, p // block, out, depth + 1)
+    else:
+        raise UnsupportedMorphError(
+            f"cannot widen: a split's range cannot be traced back through {source.name!r}")
+
+
+def _is_flatten(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_module", "call_function", "call_method") and (
+        name in ("flatten", "view", "reshape") or "flatten" in str(name).lower())
+
+
+def root_map(plan: Coupling, old: int, width: int, blocks: int, uniform: bool,
+             gen: torch.Generator) -> ChannelMap:
+    """The widened layer's map when pieces take ranges of its units: every range (and every
+    block of a grouped convolution) grows on its own, by its share of the new units; tied
+    ranges grow alike."""
+    step = old // blocks
+    edges = sorted({0, old, *plan.segments, *(step * k for k in range(1, blocks))})
+    sizes = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+    if plan.tied and blocks > 1:
+        raise UnsupportedMorphError("cannot widen: pieces that must carry the same units meet "
+                                    "a grouped convolution")
+    classes = _tie_classes(edges, plan.tied)
+    if uniform:
+        grown = [s * (width // old) for s in sizes]
+    elif plan.tied:
+        grown = _tied_shares(sizes, classes, width)
+    else:
+        grown = []
+        block_of = [a // step for a in edges[:-1]]
+        for b in range(blocks):
+            mine = [s for s, k in zip(sizes, block_of, strict=True) if k == b]
+            grown.extend(_shares(mine, width // blocks))
+    cmap = ChannelMap.grow_segments(sizes, grown, gen, replicate=uniform)
+    if not plan.tied:
+        return cmap
+    # every segment of a class takes the layout its first one drew
+    starts_old, starts_new = edges[:-1], [0, *_running(grown)][:-1]
+    src, new = cmap.src.clone(), cmap.new.clone()
+    for i, first in enumerate(classes):
+        if first != i:
+            a, b, n = starts_new[first], starts_new[i], grown[i]
+            src[b:b + n] = cmap.src[a:a + n] - starts_old[first] + starts_old[i]
+            new[b:b + n] = cmap.new[a:a + n]
+    return ChannelMap(src, new, old)
+
+
+def _tie_classes(edges: list[int], tied: list[tuple[int, int, int]]) -> list[int]:
+    """For each segment between ``edges``, the first segment it must grow like."""
+    index = {a: i for i, a in enumerate(edges[:-1])}
+    parent = list(range(len(index)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b, n in tied:
+        for x in edges:
+            if a <= x < a + n:
+                i, j = find(index[x]), find(index[x - a + b])
+                parent[max(i, j)] = min(i, j)
+    return [find(i) for i in range(len(parent))]
+
+
+def _tied_shares(sizes: list[int], classes: list[int], width: int) -> list[int]:
+    """``_shares`` where the segments of a class grow by the same number of units."""
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(classes):
+        members.setdefault(c, []).append(i)
+    firsts = sorted(members)
+    extra, old = width - sum(sizes), sum(sizes)
+    exact = [extra * sizes[c] / old for c in firsts]
+    per = [int(x) for x in exact]
+    left = extra - sum(p * len(members[c]) for p, c in zip(per, firsts, strict=True))
+    for k in sorted(range(len(firsts)), key=lambda k: (per[k] - exact[k], k)):
+        n = len(members[firsts[k]])
+        if n <= left:
+            per[k] += 1
+            left -= n
+    if left:
+        raise UnsupportedMorphError(
+            f"cannot widen to {width} units: pieces that must carry the same units grow by the "
+            "same number of units, which this width does not allow (e.g. --factor 2)")
+    out = list(sizes)
+    for p, c in zip(per, firsts, strict=True):
+        for i in members[c]:
+            out[i] += p
+    return out
+
+
+def _shares(sizes: list[int], total: int) -> list[int]:
+    """``sizes`` grown to sum to ``total``, each in proportion (largest remainders first)."""
+    old = sum(sizes)
+    extra = total - old
+    exact = [extra * s / old for s in sizes]
+    floor = [int(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (floor[i] - exact[i], i))
+    for i in order[: extra - sum(floor)]:
+        floor[i] += 1
+    return [s + f for s, f in zip(sizes, floor, strict=True)]
+
+
+# -- rewriting the graph
+
+
+def rewrite(plan: Coupling) -> list[Change]:
+    """Split sizes and slice bounds of every cut of a widened tensor, to the new widths."""
+    for a, b in plan.ties:
+        if a.cmap is None or b.cmap is None or not a.cmap.same_as(b.cmap):
+            raise UnsupportedMorphError("cannot widen: two pieces that must carry the same "
+                                        "units would be laid out differently")
+    changes = []
+    for op in plan.cuts:
+        whole = op.args[0]
+        assert isinstance(whole, fx.Node)
+        dim = plan.tensors[whole][0]
+        cmap = plan.map_of(whole)
+        if _is_split(op):
+            sizes = _split_sizes(op, _width(whole, dim))
+            assert sizes is not None  # (read by the walk)
+            bounds = [0, *_running(sizes)]
+            spans = [_place(cmap, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+            new = [s[1] - s[0] for s in spans if s is not None]
+            at = [s[0] for s in spans if s is not None]
+            if len(new) != len(sizes) or at != [0, *_running(new)][:-1]:
+                raise UnsupportedMorphError(
+                    f"cannot widen: the pieces of split {op.name!r} would not hold their own "
+                    "units side by side")
+            _check_pieces(plan, op, cmap, bounds, _split_pieces(op, len(sizes)) or [])
+            old_text, axis = str(sizes), arg(op, 2, "dim", 0)
+            op.target = "split" if op.op == "call_method" else torch.split
+            op.args, op.kwargs = (whole, new), {"dim": axis}
+            changes.append(Change("rewired", op.name, old_text, str(new), "split sizes"))
+            continue
+        entries = _slice_entries(op) or []
+        item, _, _, pos = next(e for e in entries if e[1] == dim)
+        span = _slice_range(item, _width(whole, dim))
+        assert span is not None and pos is not None  # (read by the walk)
+        place = _place(cmap, *span)
+        if place is None:
+            raise UnsupportedMorphError(
+                f"cannot widen: slice {op.name!r} would not hold its own units side by side")
+        _check_pieces(plan, op, cmap, list(span), [[op]])
+        index = op.args[1]
+        items = list(index) if isinstance(index, tuple) else [index]
+        items[pos] = slice(place[0], place[1])
+        op.args = (whole, tuple(items) if isinstance(index, tuple) else items[0])
+        changes.append(Change("rewired", op.name, f"{span[0]}:{span[1]}",
+                              f"{place[0]}:{place[1]}", "slice bounds"))
+    return changes
+
+
+def _check_pieces(plan: Coupling, op: fx.Node, cmap: ChannelMap, bounds: list[int],
+                  pieces: list[list[fx.Node]]) -> None:
+    """Every piece receives exactly its range of the whole's new layout: a widened piece has
+    that range's map, one the walk did not widen keeps exactly its old units."""
+    for (lo, hi), nodes in zip(zip(bounds, bounds[1:], strict=False), pieces, strict=False):
+        span = _place(cmap, lo, hi)
+        assert span is not None  # (checked by the caller)
+        cut = ChannelMap(cmap.src[span[0]:span[1]] - lo, cmap.new[span[0]:span[1]], hi - lo)
+        for n in nodes:
+            group = plan.tensors[n][1] if n in plan.tensors else None
+            if group is None and cut.same_as(ChannelMap.identity(hi - lo)):
+                continue
+            if group is not None and group.cmap is not None and group.cmap.same_as(cut):
+                continue
+            raise UnsupportedMorphError(
+                f"cannot widen: piece {n.name!r} of {op.name!r} would not receive the units "
+                "its consumers are widened for")
