@@ -31,6 +31,15 @@ from morphcli.morphs.coupling_ops import (
     op_name,
 )
 from morphcli.morphs.coupling_plan import Coupling, Group
+from morphcli.morphs.coupling_sizes import (
+    indexed_from,
+    is_regrouping,
+    kept_axis,
+    pads_other_axes,
+    reshaped_axis,
+    rolled_axis,
+    widened_reads,
+)
 from morphcli.rules import registry
 from morphcli.rules.channel_map import ChannelMap
 
@@ -159,12 +168,12 @@ class _Walker:
                 for part in arg(node, 0, "tensors", []):
                     self.join(part, dim, group)
                 return
-        if node.op == "call_method" and node.target in ("view", "reshape"):
-            src = node.args[0]
-            assert isinstance(src, fx.Node)  # view/reshape's first argument is the tensor
-            shape_in, shape_out = tensor_shape(src) or (), tensor_shape(node) or ()
-            if tuple(shape_in[:dim + 1]) == tuple(shape_out[:dim + 1]):  # the axis is kept
-                self.join(src, dim, group)  # (walking forward from it records the rewrite)
+        if is_regrouping(node):  # (walking forward from its input records any rewrite)
+            kept = kept_axis(node, dim)
+            if kept is not None:
+                self.join(node.args[0], kept, group)
+                if node.op == "call_method" and node.target in ("reshape_as", "view_as"):
+                    self.join(node.args[1], dim, group)  # the sizes are that tensor's
                 return
         attention = _attention_output_of(self.gm, node)
         if attention is not None:  # its units are its query's: widen from there
@@ -276,6 +285,13 @@ class _Walker:
         if name in ("view", "reshape") and user.args[0] is node:
             self.reshape(node, user, dim, rank)
             return
+        if user.op == "call_method" and name in ("reshape_as", "view_as"):
+            self.reshape_as(node, user, dim)
+            return
+        if user.op == "call_function" and target is F.pad and user.args[0] is node and \
+                pads_other_axes(user, dim, rank):
+            self.follow(user, dim, self.plan.tensors[node][1])
+            return
         if user.op == "call_function" and target in SPATIAL_FUNCS:
             if dim != 1 or user.args[0] is not node:
                 self.refuse(user, "it pools or resizes along the widened axis")
@@ -319,8 +335,11 @@ class _Walker:
                 return None
             keep = arg(node, 2, "keepdim", False)
             return dim if keep else dim - sum(1 for d in dims if d < dim)
-        if name == "getitem" and not backward:
-            return index_axis(node.args[1], dim, in_rank)
+        if name == "getitem":
+            return index_axis(node.args[1], dim, in_rank) if not backward else \
+                indexed_from(node.args[1], dim, in_rank)
+        if name == "roll":
+            return rolled_axis(node, dim, in_rank)
         if name == "expand":
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
@@ -336,22 +355,15 @@ class _Walker:
         return None
 
     def shape_read(self, user: fx.Node, dim: int) -> None:
-        """Reading sizes is fine unless the widened size itself is read."""
-        if user.op == "call_method" and user.target == "dim":
-            return
-        if user.op == "call_method" and user.target == "size" and len(user.args) > 1:
-            axis: Any = user.args[1]
-            src = user.args[0]
-            rank = len((tensor_shape(src) if isinstance(src, fx.Node) else None) or (1,))
-            if axis % rank != dim:
-                return
-        if user.op == "call_function" and user.args[1] in ("ndim", "dtype", "device"):
-            return
-        for use in user.users:
-            if use.op == "call_function" and use.target is operator.getitem and \
-                    isinstance(use.args[1], int) and use.args[1] != dim:
-                continue
-            self.refuse(user, "the model reads the widened size at run time")
+        """A size read: those of the widened axis get their old value (``coupling_sizes``)."""
+        src = user.args[0]
+        shape = (tensor_shape(src) if isinstance(src, fx.Node) else None) or ()
+        reads = widened_reads(user, dim, max(len(shape), 1))
+        if isinstance(reads, str):
+            self.refuse(user, reads)
+        for read in reads:
+            if all(r is not read for r, _ in self.plan.size_reads):
+                self.plan.size_reads.append((read, shape[dim]))
 
     # -- derived layouts
 
@@ -396,30 +408,34 @@ class _Walker:
         self.derive_expand(node, user, start, block)
 
     def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
-        """A view/reshape that merges the widened axis with the axes after it (as flatten), or
-        leaves it alone; literal sizes for the merged axis are rewritten."""
-        shape_in = tensor_shape(node) or ()
-        shape_out = tensor_shape(user) or ()
-        before = math.prod(shape_in[:dim])
-        # Axes of size 1 make several positions fit; prefer the widened axis's own position.
-        fits = [p for p in range(len(shape_out)) if math.prod(shape_out[:p]) == before]
-        if not fits:
-            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
-        p = dim if dim in fits else fits[-1]
-        if p >= len(shape_out):
-            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
-        size = shape_out[p]
-        span, end = shape_in[dim], dim
-        while span < size and end + 1 < len(shape_in):
-            end += 1
-            span *= shape_in[end]
-        if span != size:
-            self.refuse(user, "it splits the widened axis")
+        """A view/reshape that keeps the widened axis, merges it with the axes after it (as
+        flatten) or splits it; the size given for it is rewritten."""
+        to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
+        if to is None or to.kind == "split":
+            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow"
+                        if to is None else "it splits the widened axis")
         self.plan.rewrites.append((user, node))
-        if end == dim:
-            self.follow(user, p, self.plan.tensors[node][1])
+        if to.kind == "keep":
+            self.follow(user, to.axis, self.plan.tensors[node][1])
         else:
-            self.derive_expand(node, user, p, math.prod(shape_in[dim + 1 : end + 1]))
+            self.derive_expand(node, user, to.axis, to.block)
+
+    def reshape_as(self, node: fx.Node, user: fx.Node, dim: int) -> None:
+        """``x.reshape_as(other)``: the sizes follow ``other``, so the widened axis must be
+        one that ``x`` and ``other`` both carry, kept in place."""
+        group = self.plan.tensors[node][1]
+        kept = kept_axis(user, dim) if user.args[0] is not node else None
+        if user.args[0] is node:
+            to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
+            if to is None or to.kind != "keep":
+                self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
+            self.join(user.args[1], to.axis, group)
+            self.follow(user, to.axis, group)
+            return
+        if kept is None:
+            self.refuse(user, "it reshapes another tensor to the widened sizes")
+        self.join(user.args[0], kept, group)
+        self.follow(user, dim, group)
 
     def derive_expand(self, node: fx.Node, user: fx.Node, out_dim: int, block: int) -> None:
         plan = self.plan

@@ -34,6 +34,8 @@ class Coupling:
     consumers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (layer, input)
     channelwise: list[fx.Node] = field(default_factory=list)
     derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
+    # Reads of the widened size (``x.shape[-1]``) and the old size each gets (coupling_sizes)
+    size_reads: list[tuple[fx.Node, int]] = field(default_factory=list)
     rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
     attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
     norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape

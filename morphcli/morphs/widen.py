@@ -26,6 +26,7 @@ from morphcli.graph.layers import find_one_layer
 from morphcli.morphs import limits
 from morphcli.morphs.coupling import analyse
 from morphcli.morphs.coupling_plan import Coupling, assign_maps
+from morphcli.morphs.coupling_sizes import fold_size_reads
 from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes, resize_layer
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
@@ -202,6 +203,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         entry.changes = constructor_changes(entry.old, new_module)
         record.layers.append(entry)
         result.changes.extend(_diff(entry.path, entry.old, new_module))
+    fold_size_reads(plan.size_reads)
     result.changes.extend(_rewrite_reshapes(plan))
     result.changes.extend(_rewrite_norm_shapes(plan))
     result.changes.extend(_resize_attrs(gm, plan, record))
@@ -327,11 +329,8 @@ def _rewrite_reshapes(plan: Coupling) -> list[Change]:
         value = sizes[dim]
         if value == -1:
             continue
-        if not isinstance(value, int):
-            raise UnsupportedMorphError(
-                f"cannot widen: {node.name!r} reshapes with a computed size for the widened "
-                "axis; use -1 there")
-        if value != old_size:
+        # A computed size (from sizes read at run time) held the old width: now the new one.
+        if isinstance(value, int) and value != old_size:
             raise UnsupportedMorphError(f"cannot widen: unexpected size {value} in {node.name!r}")
         sizes[dim] = new_size
         if packed:
