@@ -27,17 +27,19 @@ from morphcli.morphs.coupling_ops import (
     SHAPE_METHODS,
     SPATIAL_FUNCS,
     arg,
-    index_axis,
     op_name,
 )
 from morphcli.morphs.coupling_plan import Coupling, Group
 from morphcli.morphs.coupling_sizes import (
-    indexed_from,
+    indexed_axis,
+    is_batched_product,
     is_regrouping,
     kept_axis,
     pads_other_axes,
     reshaped_axis,
     rolled_axis,
+    unbound,
+    untiled,
     widened_reads,
 )
 from morphcli.rules import registry
@@ -159,8 +161,14 @@ class _Walker:
                 self.join(node.args[0], dim, group)
                 return
             self.refuse(node, "its output cannot be widened")
-        if self.is_elementwise(node):
-            self.join_operands(node, dim, group)
+        if self.is_elementwise(node) or \
+                (is_batched_product(node) and dim < len(tensor_shape(node) or ()) - 2):
+            self.join_operands(node, dim, group)  # (a product: each head on its own)
+            return
+        piece = unbound(node)
+        if piece is not None:
+            src, axis = piece
+            self.join(src, dim + 1 if axis <= dim else dim, group)
             return
         if node.op == "call_function" and node.target is torch.cat:
             rank = len(tensor_shape(node) or ())
@@ -288,6 +296,12 @@ class _Walker:
         if user.op == "call_method" and name in ("reshape_as", "view_as"):
             self.reshape_as(node, user, dim)
             return
+        if name == "unbind":
+            self.unbind(node, user, dim, rank)
+            return
+        if is_batched_product(user):
+            self.batched_product(node, user, dim, rank)
+            return
         if user.op == "call_function" and target is F.pad and user.args[0] is node and \
                 pads_other_axes(user, dim, rank):
             self.follow(user, dim, self.plan.tensors[node][1])
@@ -336,8 +350,7 @@ class _Walker:
             keep = arg(node, 2, "keepdim", False)
             return dim if keep else dim - sum(1 for d in dims if d < dim)
         if name == "getitem":
-            return index_axis(node.args[1], dim, in_rank) if not backward else \
-                indexed_from(node.args[1], dim, in_rank)
+            return indexed_axis(node.args[1], dim, in_rank, backward)
         if name == "roll":
             return rolled_axis(node, dim, in_rank)
         if name == "expand":
@@ -411,14 +424,51 @@ class _Walker:
         """A view/reshape that keeps the widened axis, merges it with the axes after it (as
         flatten) or splits it; the size given for it is rewritten."""
         to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
-        if to is None or to.kind == "split":
-            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow"
-                        if to is None else "it splits the widened axis")
+        if to is None:
+            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
         self.plan.rewrites.append((user, node))
         if to.kind == "keep":
             self.follow(user, to.axis, self.plan.tensors[node][1])
-        else:
+        elif to.kind == "merge":
             self.derive_expand(node, user, to.axis, to.block)
+        else:
+            self.split_heads(node, user, to.axis, to.outer, to.inner)
+
+    def split_heads(self, node: fx.Node, user: fx.Node, axis: int, outer: int,
+                    inner: int) -> None:
+        """A reshape splitting the widened axis into (outer, heads, inner) axes (qkv into 3 x
+        heads x head_dim): the heads axis carries the units, which come as whole heads."""
+        group = self.plan.tensors[node][1]
+        if group.source is None:
+            if group.heads is not None and group.heads[:2] != (outer, inner):
+                self.refuse(user, "the units are split into heads in two different ways")
+            group.heads = group.heads or (outer, inner, user)
+        plan = self.plan
+        if user not in plan.derived:
+            plan.derived[user] = lambda: untiled(plan.map_of(node), outer, inner,
+                                                 f"node {user.name!r}")
+            self.follow(user, axis, Group(user))
+
+    def unbind(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
+        """``x.unbind(d)`` along another axis: every piece carries the units."""
+        axis = arg(user, 1, "dim", 0) % rank
+        if axis == dim:
+            self.refuse(user, "it takes the widened axis apart")
+        group = self.plan.tensors[node][1]
+        for use in user.users:
+            if use.op != "call_function" or use.target is not operator.getitem:
+                self.refuse(use, "it reads the pieces of an unbind together")
+            self.follow(use, dim - 1 if axis < dim else dim, group)
+
+    def batched_product(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
+        """matmul or attention with the units on a batch axis (the heads): every operand
+        carries them there, and so does the product."""
+        if dim >= rank - 2:
+            self.refuse(user, "it multiplies along the widened axis")
+        out = dim + len(tensor_shape(user) or ()) - rank
+        group = self.plan.tensors[node][1]
+        self.follow(user, out, group)
+        self.join_operands(user, out, group)
 
     def reshape_as(self, node: fx.Node, user: fx.Node, dim: int) -> None:
         """``x.reshape_as(other)``: the sizes follow ``other``, so the widened axis must be

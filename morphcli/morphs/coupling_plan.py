@@ -23,6 +23,9 @@ class Group:
     # A LayerNorm normalising over the units: every unit must be copied equally often
     # (ChannelMap.replicate), so that its mean and variance stay the same.
     uniform: fx.Node | None = None
+    # A reshape splits the units into (outer, heads, inner) axes: new units come as whole
+    # heads, alike in every outer block (``coupling_sizes.tiled``); the reshape node.
+    heads: tuple[int, int, fx.Node] | None = None
 
 
 @dataclass

@@ -18,8 +18,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
+from torch.nn import functional as F
 
+from morphcli.errors import UnsupportedMorphError
 from morphcli.graph.edit import tensor_shape
+from morphcli.rules.channel_map import ChannelMap
 
 # Attributes of a tensor that do not depend on its sizes.
 _SIZE_FREE_ATTRS = {"ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
@@ -141,6 +144,10 @@ def kept_axis(node: fx.Node, dim: int) -> int | None:
 _REGROUPING_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
                        "reshape_as", "view_as"}
 _REGROUPING_FUNCS: set[Any] = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
+# Products over the last two axes, batched over the others (each head on its own).
+_PRODUCT_FUNCS: set[Any] = {operator.matmul, torch.matmul, torch.bmm,
+                            F.scaled_dot_product_attention}
+_PRODUCT_METHODS = {"matmul", "bmm", "__matmul__"}
 
 
 def is_regrouping(node: fx.Node) -> bool:
@@ -149,18 +156,54 @@ def is_regrouping(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _REGROUPING_FUNCS
 
 
-def indexed_from(index: Any, out_dim: int, in_rank: int) -> int | None:
-    """The input axis of ``x[index]`` whose whole extent is output axis ``out_dim`` (basic
-    indexing only); None if there is none."""
-    items = index if isinstance(index, tuple) else (index,)
-    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
-        return None  # advanced indexing moves axes in ways not followed here
+def is_batched_product(node: fx.Node) -> bool:
+    """matmul, bmm or scaled dot-product attention: batched over all but the last two axes."""
+    if node.op == "call_method":
+        return node.target in _PRODUCT_METHODS
+    return node.op == "call_function" and node.target in _PRODUCT_FUNCS
+
+
+def unbound(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """For ``x.unbind(d)[i]``: ``x`` and ``d``; else None."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or not _is_unbind(src) or not isinstance(src.args[0], fx.Node):
+        return None
+    rank = len(tensor_shape(src.args[0]) or (1,))
+    axis = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+    return (src.args[0], axis % rank) if isinstance(axis, int) else None
+
+
+def _is_unbind(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "unbind") or \
+        (node.op == "call_function" and node.target is torch.unbind)
+
+
+def indexed_axis(index: Any, dim: int, in_rank: int, backward: bool) -> int | None:
+    """Where axis ``dim`` of ``x`` lands in ``x[index]`` (or, ``backward``, which axis of ``x``
+    output axis ``dim`` is); None if the index touches it. One tensor index is followed (a
+    lookup table ``t[idx]``, ``t[:, idx]``): it replaces its axis by the index's axes."""
     from morphcli.morphs.coupling_ops import index_axis
 
-    for d in range(in_rank):
-        if index_axis(index, d, in_rank) == out_dim:
-            return d
-    return None
+    items = index if isinstance(index, tuple) else (index,)
+    tensors = [i for i, item in enumerate(items) if isinstance(item, fx.Node)]
+    if not tensors:
+        if not backward:
+            return index_axis(index, dim, in_rank)
+        if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+            return None
+        found = [d for d in range(in_rank) if index_axis(index, d, in_rank) == dim]
+        return found[0] if found else None
+    at = tensors[0]
+    shape = tensor_shape(items[at])
+    if len(tensors) > 1 or shape is None or \
+            any(item != slice(None) for i, item in enumerate(items) if i != at):
+        return None
+    r = len(shape)
+    if backward:
+        return dim if dim < at else dim - r + 1 if dim >= at + r else None
+    return dim if dim < at else dim + r - 1 if dim > at else None
 
 
 def rolled_axis(node: fx.Node, dim: int, rank: int) -> int | None:
@@ -179,3 +222,40 @@ def pads_other_axes(node: fx.Node, dim: int, rank: int) -> bool:
         return False
     at = 2 * (rank - 1 - dim)
     return at >= len(pads) or (pads[at] == 0 and pads[at + 1] == 0)
+
+
+# -- heads: a widened axis split into (outer, heads, inner) axes
+
+
+def tiled(heads: ChannelMap, outer: int, inner: int) -> ChannelMap:
+    """The map of an axis laid out as ``outer x heads x inner`` (qkv: 3 x heads x head_dim)
+    given the map of its heads: each head is widened or copied whole, the same in every outer
+    block (a new head's query, key and value come from the same head)."""
+    block = heads.expand(inner)
+    src = torch.cat([block.src + o * block.old_width for o in range(outer)])
+    return ChannelMap(src, block.new.repeat(outer), block.old_width * outer)
+
+
+def untiled(cmap: ChannelMap, outer: int, inner: int, where: str) -> ChannelMap:
+    """The heads' map of an axis laid out as ``outer x heads x inner``; refuses a map that does
+    not move whole heads alike in every outer block."""
+    block = cmap.width // outer
+    if cmap.width % (outer * inner) or cmap.old_width % (outer * inner):
+        raise UnsupportedMorphError(f"cannot widen: {where} splits the widened units into "
+                                    f"blocks of {inner}, which the new width does not fill")
+    heads = ChannelMap(cmap.src[:block:inner] // inner, cmap.new[:block:inner],
+                       cmap.old_width // (outer * inner))
+    if not tiled(heads, outer, inner).same_as(cmap):
+        raise UnsupportedMorphError(f"cannot widen: {where} splits the widened units into "
+                                    f"heads of {inner}, and the units are not laid out "
+                                    "by whole heads")
+    return heads
+
+
+def heads_root(old: int, width: int, outer: int, inner: int, uniform: bool,
+               gen: torch.Generator) -> ChannelMap:
+    """The widened layer's map when its units are split into heads: whole new heads."""
+    heads, new_heads = old // (outer * inner), width // (outer * inner)
+    cmap = ChannelMap.replicate(heads, new_heads) if uniform else \
+        ChannelMap.grow(heads, new_heads, gen)
+    return tiled(cmap, outer, inner)

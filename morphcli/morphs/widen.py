@@ -25,8 +25,8 @@ from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_
 from morphcli.graph.layers import find_one_layer
 from morphcli.morphs import limits
 from morphcli.morphs.coupling import analyse
-from morphcli.morphs.coupling_plan import Coupling, assign_maps
-from morphcli.morphs.coupling_sizes import fold_size_reads
+from morphcli.morphs.coupling_plan import Coupling, Group, assign_maps
+from morphcli.morphs.coupling_sizes import fold_size_reads, heads_root
 from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes, resize_layer
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
@@ -185,7 +185,9 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
             f"cannot widen {target.target} to {width}: its units meet grouped convolutions "
             f"({blocks} groups), so the new width must be a multiple of {blocks} "
             f"(e.g. --to {(width // blocks + 1) * blocks})")
-    if group.uniform is not None:
+    if group.heads is not None:
+        root = _whole_heads(target, group, old, width, opts, result, gen)
+    elif group.uniform is not None:
         root = _replicated(target, group.uniform, old, width, blocks, opts, result)
     elif blocks > 1:
         root = ChannelMap.grow_blocks(old, width, blocks, gen)
@@ -228,6 +230,27 @@ def _replicated(target: fx.Node, norm: fx.Node, old: int, width: int, blocks: in
     result.notes.append(f"every unit is copied {width // old} times because LayerNorm (node "
                         f"{norm.name!r}) normalises over them; {how}")
     return ChannelMap.replicate(old, width, blocks)
+
+
+def _whole_heads(target: fx.Node, group: Group, old: int, width: int, opts: WidenOptions,
+                 result: MorphResult, gen: torch.Generator) -> ChannelMap:
+    """The map for units a reshape splits into heads (``coupling_sizes.tiled``)."""
+    assert group.heads is not None
+    outer, inner, where = group.heads
+    step = outer * inner
+    if width % step or group.blocks > 1:
+        why = ("its units also meet a grouped convolution" if group.blocks > 1 else
+               f"the new width must be a multiple of {step} (e.g. --to "
+               f"{(width // step + 1) * step})")
+        raise UnsupportedMorphError(
+            f"cannot widen {target.target} to {width}: node {where.name!r} splits its units "
+            f"into {outer} x heads x {inner}, so new units come as whole heads, and {why}")
+    if group.uniform is not None:
+        _replicated(target, group.uniform, old, width, 1, opts, result)  # (refuses or notes)
+    result.notes.append(f"new units come as whole heads of {inner} (node {where.name!r} splits "
+                        f"them into {outer} x heads x {inner}): {old // step} -> "
+                        f"{width // step} heads")
+    return heads_root(old, width, outer, inner, group.uniform is not None, gen)
 
 
 def _resized_layers(gm: fx.GraphModule, plan: Coupling) -> Iterator[LayerResize]:
