@@ -38,6 +38,7 @@ from morphcli.morphs.coupling_sizes import (
     pads_other_axes,
     reshaped_axis,
     rolled_axis,
+    tiled,
     unbound,
     untiled,
     widened_reads,
@@ -61,6 +62,9 @@ class _Walker:
         self.queue: list[fx.Node] = []
         self.sites = _call_sites(gm)
         self.forwarded: set[fx.Node] = set()
+        # Groups whose map repeats another group's (flattened with the axes around the
+        # units): id -> that group.
+        self.tiles: dict[int, Group] = {}
 
     # -- bookkeeping
 
@@ -415,10 +419,15 @@ class _Walker:
         if dim > end:
             self.follow(user, dim - (end - start), group)
             return
-        if dim != start:
-            self.refuse(user, "the widened axis is not the first of the flattened ones")
-        block = math.prod(shape[start + 1 : end + 1])
-        self.derive_expand(node, user, start, block)
+        outer, inner = math.prod(shape[start:dim]), math.prod(shape[dim + 1 : end + 1])
+        if outer == 1:
+            self.derive_expand(node, user, start, inner)
+            return
+        plan = self.plan
+        if user not in plan.derived:  # (Swin's patch merging: 2 x 2 x C -> 4C)
+            plan.derived[user] = lambda: tiled(plan.map_of(node), outer, inner)
+            self.follow(user, start, Group(user))
+            self.tiles[id(plan.tensors[user][1])] = group
 
     def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
         """A view/reshape that keeps the widened axis, merges it with the axes after it (as
@@ -492,6 +501,7 @@ class _Walker:
         if user not in plan.derived:
             plan.derived[user] = lambda: plan.map_of(node).expand(block)
             self.follow(user, out_dim, Group(user))
+            self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
 
     # -- layers
 
@@ -539,10 +549,13 @@ class _Walker:
         if len(shape) != 1 or dim != rank - 1:
             self.refuse(node, "LayerNorm normalises over the widened units together with "
                         "other axes")
-        if group.source is not None:
+        root = group
+        while root.source is not None and id(root) in self.tiles:
+            root = self.tiles[id(root)]  # every unit copied equally often stays so, tiled
+        if root.source is not None:
             self.refuse(node, "LayerNorm normalises over units laid out by a concatenation or "
                         "flatten, which cannot all be copied equally often")
-        group.uniform = group.uniform or node
+        root.uniform = root.uniform or node
         if module is not None:
             self.add_channelwise(node, module, registry.lookup("channelwise", module), dim)
             return
