@@ -342,7 +342,7 @@ class _Walker:
         if name == "transpose":
             a, b = (arg(node, 1, "dim0", 0) % in_rank, arg(node, 2, "dim1", 1) % in_rank)
             return {a: b, b: a}.get(dim, dim)
-        if name in ("softmax", "log_softmax") and not backward:
+        if name in ("softmax", "log_softmax"):
             return dim if arg(node, 1, "dim", None) % in_rank != dim else None
         if name in REDUCTIONS and not backward:
             dims = arg(node, 1, "dim", None)
