@@ -235,6 +235,32 @@ def test_heads_are_widened_whole_and_alike_in_q_k_and_v(explicit: bool) -> None:
     assert result.check.equivalent and any("2 -> 3 heads" in n for n in result.notes)
 
 
+class _TalkingHeads(nn.Module):
+    """CaiT's talking heads: Linear layers mixing the heads of the attention weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.out = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.proj_l, self.proj_w = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.proj_w(attn.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.out(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)))
+
+
+@pytest.mark.parametrize("layer", ["proj_w", "proj_l"])
+def test_heads_widened_from_a_layer_mixing_them(layer: str) -> None:
+    model = _random(_TalkingHeads())
+    wide, worst = _widen_exact(model, layer, (1, 4, 8), by=2)
+    assert worst < 1e-6
+    # proj_w's new heads weight new value heads: the qkv grows by whole heads with it
+    assert wide.qkv.out_features == (48 if layer == "proj_w" else 24)
+    assert wide.proj_l.in_features == (4 if layer == "proj_w" else 2)
+
+
 def test_widening_by_part_of_a_head_is_refused_with_the_multiple() -> None:
     with pytest.raises(UnsupportedMorphError, match=r"whole heads.*multiple of 12.*--to 36"):
         morphcli.widen(_Attention(False), "qkv", by=5, input_shapes=[(1, 4, 8)])

@@ -38,6 +38,7 @@ from morphcli.morphs.coupling_sizes import (
     pads_other_axes,
     reshaped_axis,
     rolled_axis,
+    split_from,
     tiled,
     unbound,
     untiled,
@@ -186,6 +187,13 @@ class _Walker:
                 self.join(node.args[0], kept, group)
                 if node.op == "call_method" and node.target in ("reshape_as", "view_as"):
                     self.join(node.args[1], dim, group)  # the sizes are that tensor's
+                return
+            split = split_from(node, dim)
+            if split is not None:  # heads widened from their side (CaiT's talking heads)
+                src, axis, outer, inner = split
+                tiles = Group(node)
+                self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
+                self.join(src, axis, tiles)
                 return
         attention = _attention_output_of(self.gm, node)
         if attention is not None:  # its units are its query's: widen from there
@@ -447,6 +455,8 @@ class _Walker:
                     inner: int) -> None:
         """A reshape splitting the widened axis into (outer, heads, inner) axes (qkv into 3 x
         heads x head_dim): the heads axis carries the units, which come as whole heads."""
+        if user in self.plan.tensors:  # walked back from the heads: the units are tiled
+            return
         group = self.plan.tensors[node][1]
         if group.source is None:
             if group.heads is not None and group.heads[:2] != (outer, inner):

@@ -128,6 +128,22 @@ def reshaped_axis(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
     return None
 
 
+def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
+    """For a view/reshape whose output axis ``dim`` is the heads of an input axis split into
+    (outer, heads, inner): that input, its axis, outer and inner; else None."""
+    src = node.args[0]
+    shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
+    shape_out = tensor_shape(node)
+    if not isinstance(src, fx.Node) or shape_in is None or shape_out is None or \
+            node.target not in ("view", "reshape"):
+        return None
+    for d in range(len(shape_in)):
+        to = reshaped_axis(shape_in, shape_out, d)
+        if to is not None and to.kind == "split" and to.axis == dim:
+            return src, d, to.outer, to.inner
+    return None
+
+
 def kept_axis(node: fx.Node, dim: int) -> int | None:
     """The axis of a view/reshape's input that output axis ``dim`` is, unchanged; else None."""
     src = node.args[0]
