@@ -195,6 +195,36 @@ def test_patch_merging_widens_a_tiled_map_under_a_layer_norm() -> None:
         morphcli.widen(model, "embed", by=1, input_shapes=[(1, 4, 4, 3)])
 
 
+class _SharedPositionConv(nn.Module):
+    """CoaT's convolutional position encoding: one depthwise conv applied to the stream in
+    every block of a stage (and, ``elsewhere``, also to a tensor the units do not reach)."""
+
+    def __init__(self, elsewhere: bool) -> None:
+        super().__init__()
+        self.elsewhere = elsewhere
+        self.embed, self.cpe = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc1, self.fc2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.side, self.out, self.out2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.cpe(h)
+        h = h + self.fc1(h)
+        h = h + self.cpe(h)
+        h = h + self.fc2(h)
+        return self.out(h) + self.out2(self.cpe(self.side(x))) if self.elsewhere else self.out(h)
+
+
+def test_a_layer_called_at_several_places_widens_when_the_units_reach_all_alike() -> None:
+    model = _random(_SharedPositionConv(elsewhere=False))
+    wide, worst = _widen_exact(model, "embed", (1, 3, 6, 6), by=3)
+    assert worst < 1e-6
+    assert wide.cpe.weight.shape == (7, 1, 3, 3) and wide.fc2.out_channels == 7
+    with pytest.raises(UnsupportedMorphError, match="called at 3 places.*only some of them"):
+        morphcli.widen(_SharedPositionConv(elsewhere=True), "embed", by=3,
+                       input_shapes=[(1, 3, 6, 6)])
+
+
 # ---------------------------------------------------------------- heads
 
 

@@ -66,6 +66,7 @@ class _Walker:
         # Groups whose map repeats another group's (flattened with the axes around the
         # units): id -> that group.
         self.tiles: dict[int, Group] = {}
+        self.shared: dict[str, dict[fx.Node, Any]] = {}  # shared layer -> its calls reached
 
     # -- bookkeeping
 
@@ -126,6 +127,7 @@ class _Walker:
             self.backward(node)
             for user in list(node.users):
                 self.forward(node, user)
+        self.shared_layers()
 
     def backward(self, node: fx.Node) -> None:
         """How ``node`` is produced decides what else must carry its units."""
@@ -149,7 +151,7 @@ class _Walker:
                     if why:
                         self.refuse(node, why)
                     self.require_blocks(node, group, getattr(m, "groups", 1))
-                    self.shared_check(node)
+                    self.shared_check(node, node)
                     if node not in self.plan.producers:
                         self.plan.producers.append(node)
                     return
@@ -248,7 +250,7 @@ class _Walker:
                     if why:
                         self.refuse(user, why)
                     self.require_blocks(user, group, getattr(m, "groups", 1))
-                    self.shared_check(user)
+                    self.shared_check(user, node)
                     if (user, node) not in self.plan.consumers:
                         self.plan.consumers.append((user, node))
                     return
@@ -519,7 +521,7 @@ class _Walker:
         why = rule.why_not(m)
         if why:
             self.refuse(node, why)
-        self.shared_check(node)
+        self.shared_check(node, node.args[0])
         if node not in self.plan.channelwise:
             self.plan.channelwise.append(node)
 
@@ -586,11 +588,24 @@ class _Walker:
                         "a concatenation or flatten")
         group.blocks = math.lcm(group.blocks, groups)
 
-    def shared_check(self, node: fx.Node) -> None:
+    def shared_check(self, node: fx.Node, carries: Any) -> None:
+        """A layer called at several places is widened once for all of them: ``carries`` (the
+        call's widened input or output) is checked against the other calls' at the end."""
         if len(self.sites.get(str(node.target), ())) > 1:
-            calls = len(self.sites[str(node.target)])
-            self.refuse(node, f"layer {node.target} is called at {calls} "
-                        "places and widening it would change all of them")
+            self.shared.setdefault(str(node.target), {})[node] = carries
+
+    def shared_layers(self) -> None:
+        """Every call of a shared layer must carry the same units the same way."""
+        for path, seen in self.shared.items():
+            sites = self.sites[path]
+            placed = {(self.plan.tensors[t][0], id(self.plan.tensors[t][1]))
+                      for t in seen.values() if t in self.plan.tensors}
+            if len(seen) < len(sites) or len(placed) != 1:
+                self.refuse(sites[0], f"layer {path} is called at {len(sites)} places and "
+                            f"widening it would change all of them, "
+                            + ("and the widened units reach only some of them"
+                               if len(seen) < len(sites) else "with differently laid out "
+                               "units"))
 
 
 def _old_width(walker: _Walker, group: Group, node: fx.Node) -> int | None:
