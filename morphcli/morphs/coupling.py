@@ -195,6 +195,7 @@ class _Walker:
                 src, axis, outer, inner = split
                 tiles = Group(node)
                 self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
+                self.tiles[id(tiles)] = group
                 self.join(src, axis, tiles)
                 return
         attention = _attention_output_of(self.gm, node)
@@ -495,7 +496,6 @@ class _Walker:
         """``x.reshape_as(other)``: the sizes follow ``other``, so the widened axis must be
         one that ``x`` and ``other`` both carry, kept in place."""
         group = self.plan.tensors[node][1]
-        kept = kept_axis(user, dim) if user.args[0] is not node else None
         if user.args[0] is node:
             to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
             if to is None or to.kind != "keep":
@@ -503,6 +503,7 @@ class _Walker:
             self.join(user.args[1], to.axis, group)
             self.follow(user, to.axis, group)
             return
+        kept = kept_axis(user, dim)  # ``node`` is ``other``: its sizes are the output's
         if kept is None:
             self.refuse(user, "it reshapes another tensor to the widened sizes")
         self.join(user.args[0], kept, group)

@@ -213,7 +213,8 @@ def indexed_axis(index: Any, dim: int, in_rank: int, backward: bool) -> int | No
         return found[0] if found else None
     at = tensors[0]
     shape = tensor_shape(items[at])
-    if len(tensors) > 1 or shape is None or \
+    meta = items[at].meta.get("tensor_meta")
+    if len(tensors) > 1 or shape is None or getattr(meta, "dtype", None) == torch.bool or \
             any(item != slice(None) for i, item in enumerate(items) if i != at):
         return None
     r = len(shape)
