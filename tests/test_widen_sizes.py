@@ -225,6 +225,22 @@ def test_a_layer_called_at_several_places_widens_when_the_units_reach_all_alike(
                        input_shapes=[(1, 3, 6, 6)])
 
 
+def test_a_channel_shuffle_is_refused_with_the_reason() -> None:
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            b, c, hh, ww = h.shape
+            return self.o(h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww))
+
+    with pytest.raises(UnsupportedMorphError, match="merges the widened axis with the axes "
+                       "before it"):
+        morphcli.widen(Shuffle(), "a", by=2, input_shapes=[(1, 3, 4, 4)])
+
+
 # ---------------------------------------------------------------- heads
 
 

@@ -42,6 +42,7 @@ from morphcli.morphs.coupling_sizes import (
     tiled,
     unbound,
     untiled,
+    why_not_reshaped,
     widened_reads,
 )
 from morphcli.rules import registry
@@ -445,7 +446,8 @@ class _Walker:
         flatten) or splits it; the size given for it is rewritten."""
         to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
         if to is None:
-            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
+            self.refuse(user, why_not_reshaped(tensor_shape(node) or (), dim,
+                                               tensor_shape(user) or ()))
         self.plan.rewrites.append((user, node))
         if to.kind == "keep":
             self.follow(user, to.axis, self.plan.tensors[node][1])

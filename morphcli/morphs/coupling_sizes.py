@@ -128,6 +128,16 @@ def reshaped_axis(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
     return None
 
 
+def why_not_reshaped(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...]) -> str:
+    """Why ``reshaped_axis`` found no place for axis ``dim``."""
+    before = math.prod(shape_in[:dim])
+    if any(math.prod(shape_out[:p]) < before < math.prod(shape_out[:p + 1])
+           for p in range(len(shape_out))):
+        return ("it merges the widened axis with the axes before it (as a channel shuffle "
+                "does), so the units' elements would interleave")
+    return "it regroups the widened axis into sizes that do not hold whole units"
+
+
 def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
     """For a view/reshape whose output axis ``dim`` is the heads of an input axis split into
     (outer, heads, inner): that input, its axis, outer and inner; else None."""

@@ -247,9 +247,9 @@ def _whole_heads(target: fx.Node, group: Group, old: int, width: int, opts: Wide
             f"into {outer} x heads x {inner}, so new units come as whole heads, and {why}")
     if group.uniform is not None:
         _replicated(target, group.uniform, old, width, 1, opts, result)  # (refuses or notes)
+    layout = f"{outer} x heads x {inner}" if outer > 1 else f"heads of {inner}"
     result.notes.append(f"new units come as whole heads of {inner} (node {where.name!r} splits "
-                        f"them into {outer} x heads x {inner}): {old // step} -> "
-                        f"{width // step} heads")
+                        f"them into {layout}): {old // step} -> {width // step} heads")
     return heads_root(old, width, outer, inner, group.uniform is not None, gen)
 
 
