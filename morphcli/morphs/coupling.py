@@ -29,11 +29,25 @@ from morphcli.morphs.coupling_ops import (
     SPATIAL_FUNCS,
     UNIFORM_REDUCTIONS,
     arg,
-    index_axis,
     op_name,
     reduced_axes,
 )
 from morphcli.morphs.coupling_plan import Coupling, Group
+from morphcli.morphs.coupling_sizes import (
+    indexed_axis,
+    is_batched_product,
+    is_regrouping,
+    kept_axis,
+    pads_other_axes,
+    reshaped_axis,
+    rolled_axis,
+    split_from,
+    tiled,
+    unbound,
+    untiled,
+    why_not_reshaped,
+    widened_reads,
+)
 from morphcli.rules import registry
 from morphcli.rules.channel_map import ChannelMap
 
@@ -54,6 +68,10 @@ class _Walker:
         self.queue: list[fx.Node] = []
         self.sites = _call_sites(gm)
         self.forwarded: set[fx.Node] = set()
+        # Groups whose map repeats another group's (flattened with the axes around the
+        # units): id -> that group.
+        self.tiles: dict[int, Group] = {}
+        self.shared: dict[str, dict[fx.Node, Any]] = {}  # shared layer -> its calls reached
 
     # -- bookkeeping
 
@@ -117,6 +135,7 @@ class _Walker:
             self.backward(node)
             for user in list(node.users):
                 self.forward(node, user)
+        self.shared_layers()
 
     def backward(self, node: fx.Node) -> None:
         """How ``node`` is produced decides what else must carry its units."""
@@ -140,7 +159,7 @@ class _Walker:
                     if why:
                         self.refuse(node, why)
                     self.require_blocks(node, group, getattr(m, "groups", 1))
-                    self.shared_check(node)
+                    self.shared_check(node, node)
                     if node not in self.plan.producers:
                         self.plan.producers.append(node)
                     return
@@ -157,8 +176,14 @@ class _Walker:
                 self.join(node.args[0], dim, group)
                 return
             self.refuse(node, "its output cannot be widened")
-        if self.is_elementwise(node):
-            self.join_operands(node, dim, group)
+        if self.is_elementwise(node) or \
+                (is_batched_product(node) and dim < len(tensor_shape(node) or ()) - 2):
+            self.join_operands(node, dim, group)  # (a product: each head on its own)
+            return
+        piece = unbound(node)
+        if piece is not None:
+            src, axis = piece
+            self.join(src, dim + 1 if axis <= dim else dim, group)
             return
         if node.op == "call_function" and node.target is torch.cat:
             rank = len(tensor_shape(node) or ())
@@ -168,12 +193,20 @@ class _Walker:
                 return
         if coupling_split.backward(self, node, dim, group):  # a concat's output, a piece
             return
-        if node.op == "call_method" and node.target in ("view", "reshape"):
-            src = node.args[0]
-            assert isinstance(src, fx.Node)  # view/reshape's first argument is the tensor
-            shape_in, shape_out = tensor_shape(src) or (), tensor_shape(node) or ()
-            if tuple(shape_in[:dim + 1]) == tuple(shape_out[:dim + 1]):  # the axis is kept
-                self.join(src, dim, group)  # (walking forward from it records the rewrite)
+        if is_regrouping(node):  # (walking forward from its input records any rewrite)
+            kept = kept_axis(node, dim)
+            if kept is not None:
+                self.join(node.args[0], kept, group)
+                if node.op == "call_method" and node.target in ("reshape_as", "view_as"):
+                    self.join(node.args[1], dim, group)  # the sizes are that tensor's
+                return
+            split = split_from(node, dim)
+            if split is not None:  # heads widened from their side (CaiT's talking heads)
+                src, axis, outer, inner = split
+                tiles = Group(node)
+                self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
+                self.tiles[id(tiles)] = group
+                self.join(src, axis, tiles)
                 return
         attention = _attention_output_of(self.gm, node)
         if attention is not None:  # its units are its query's: widen from there
@@ -228,7 +261,7 @@ class _Walker:
                     if why:
                         self.refuse(user, why)
                     self.require_blocks(user, group, getattr(m, "groups", 1))
-                    self.shared_check(user)
+                    self.shared_check(user, node)
                     if (user, node) not in self.plan.consumers:
                         self.plan.consumers.append((user, node))
                     return
@@ -298,6 +331,19 @@ class _Walker:
         if name in ("view", "reshape") and user.args[0] is node:
             self.reshape(node, user, dim, rank)
             return
+        if user.op == "call_method" and name in ("reshape_as", "view_as"):
+            self.reshape_as(node, user, dim)
+            return
+        if name == "unbind":
+            self.unbind(node, user, dim, rank)
+            return
+        if is_batched_product(user):
+            self.batched_product(node, user, dim, rank)
+            return
+        if user.op == "call_function" and target is F.pad and user.args[0] is node and \
+                pads_other_axes(user, dim, rank):
+            self.follow(user, dim, self.plan.tensors[node][1])
+            return
         if user.op == "call_function" and target in SPATIAL_FUNCS:
             if dim != 1 or user.args[0] is not node:
                 self.refuse(user, "it pools or resizes along the widened axis")
@@ -344,8 +390,10 @@ class _Walker:
                 return None
             keep = arg(node, 3 if name == "norm" else 2, "keepdim", False)
             return dim if keep else dim - sum(1 for d in dims if d < dim)
-        if name == "getitem" and not backward:
-            return index_axis(node.args[1], dim, in_rank)
+        if name == "getitem":
+            return indexed_axis(node.args[1], dim, in_rank, backward)
+        if name == "roll":
+            return rolled_axis(node, dim, in_rank)
         if name == "expand":
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
@@ -361,22 +409,15 @@ class _Walker:
         return None
 
     def shape_read(self, user: fx.Node, dim: int) -> None:
-        """Reading sizes is fine unless the widened size itself is read."""
-        if user.op == "call_method" and user.target == "dim":
-            return
-        if user.op == "call_method" and user.target == "size" and len(user.args) > 1:
-            axis: Any = user.args[1]
-            src = user.args[0]
-            rank = len((tensor_shape(src) if isinstance(src, fx.Node) else None) or (1,))
-            if axis % rank != dim:
-                return
-        if user.op == "call_function" and user.args[1] in ("ndim", "dtype", "device"):
-            return
-        for use in user.users:
-            if use.op == "call_function" and use.target is operator.getitem and \
-                    isinstance(use.args[1], int) and use.args[1] != dim:
-                continue
-            self.refuse(user, "the model reads the widened size at run time")
+        """A size read: those of the widened axis get their old value (``coupling_sizes``)."""
+        src = user.args[0]
+        shape = (tensor_shape(src) if isinstance(src, fx.Node) else None) or ()
+        reads = widened_reads(user, dim, max(len(shape), 1))
+        if isinstance(reads, str):
+            self.refuse(user, reads)
+        for read in reads:
+            if all(r is not read for r, _ in self.plan.size_reads):
+                self.plan.size_reads.append((read, shape[dim]))
 
     # -- derived layouts
 
@@ -415,44 +456,92 @@ class _Walker:
         if dim > end:
             self.follow(user, dim - (end - start), group)
             return
-        if dim != start:
-            self.refuse(user, "the widened axis is not the first of the flattened ones")
-        block = math.prod(shape[start + 1 : end + 1])
-        self.derive_expand(node, user, start, block)
+        outer, inner = math.prod(shape[start:dim]), math.prod(shape[dim + 1 : end + 1])
+        if outer == 1:
+            self.derive_expand(node, user, start, inner)
+            return
+        plan = self.plan
+        if user not in plan.derived:  # (Swin's patch merging: 2 x 2 x C -> 4C)
+            plan.derived[user] = lambda: tiled(plan.map_of(node), outer, inner)
+            self.follow(user, start, Group(user))
+            self.tiles[id(plan.tensors[user][1])] = group
 
     def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
-        """A view/reshape that merges the widened axis with the axes after it (as flatten), or
-        leaves it alone; literal sizes for the merged axis are rewritten."""
-        shape_in = tensor_shape(node) or ()
-        shape_out = tensor_shape(user) or ()
-        before = math.prod(shape_in[:dim])
-        # Axes of size 1 make several positions fit; prefer one that keeps the units whole
-        # (ECA's view(B, 1, -1)), then the widened axis's own position.
-        fits = [p for p in range(len(shape_out)) if math.prod(shape_out[:p]) == before]
-        if not fits:
-            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
-        whole = [p for p in fits if p < len(shape_out) and shape_out[p] == shape_in[dim]]
-        p = (dim if dim in whole else whole[0]) if whole else (dim if dim in fits else fits[-1])
-        if p >= len(shape_out):
-            self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
-        size = shape_out[p]
-        span, end = shape_in[dim], dim
-        while span < size and end + 1 < len(shape_in):
-            end += 1
-            span *= shape_in[end]
-        if span != size:
-            self.refuse(user, "it splits the widened axis")
+        """A view/reshape that keeps the widened axis, merges it with the axes after it (as
+        flatten) or splits it; the size given for it is rewritten."""
+        to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
+        if to is None:
+            self.refuse(user, why_not_reshaped(tensor_shape(node) or (), dim,
+                                               tensor_shape(user) or ()))
         self.plan.rewrites.append((user, node))
-        if end == dim:
-            self.follow(user, p, self.plan.tensors[node][1])
+        if to.kind == "keep":
+            self.follow(user, to.axis, self.plan.tensors[node][1])
+        elif to.kind == "merge":
+            self.derive_expand(node, user, to.axis, to.block)
         else:
-            self.derive_expand(node, user, p, math.prod(shape_in[dim + 1 : end + 1]))
+            self.split_heads(node, user, to.axis, to.outer, to.inner)
+
+    def split_heads(self, node: fx.Node, user: fx.Node, axis: int, outer: int,
+                    inner: int) -> None:
+        """A reshape splitting the widened axis into (outer, heads, inner) axes (qkv into 3 x
+        heads x head_dim): the heads axis carries the units, which come as whole heads."""
+        if user in self.plan.tensors:  # walked back from the heads: the units are tiled
+            return
+        group = self.plan.tensors[node][1]
+        if group.source is None:
+            if group.heads is not None and group.heads[:2] != (outer, inner):
+                self.refuse(user, "the units are split into heads in two different ways")
+            group.heads = group.heads or (outer, inner, user)
+        plan = self.plan
+        if user not in plan.derived:
+            plan.derived[user] = lambda: untiled(plan.map_of(node), outer, inner,
+                                                 f"node {user.name!r}")
+            self.follow(user, axis, Group(user))
+
+    def unbind(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
+        """``x.unbind(d)`` along another axis: every piece carries the units."""
+        axis = arg(user, 1, "dim", 0) % rank
+        if axis == dim:
+            self.refuse(user, "it takes the widened axis apart")
+        group = self.plan.tensors[node][1]
+        for use in user.users:
+            if use.op != "call_function" or use.target is not operator.getitem:
+                self.refuse(use, "it reads the pieces of an unbind together")
+            self.follow(use, dim - 1 if axis < dim else dim, group)
+
+    def batched_product(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
+        """matmul or attention with the units on a batch axis (the heads): every operand
+        carries them there, and so does the product."""
+        if dim >= rank - 2:
+            self.refuse(user, "it multiplies along the widened axis")
+        out = dim + len(tensor_shape(user) or ()) - rank
+        group = self.plan.tensors[node][1]
+        self.follow(user, out, group)
+        self.join_operands(user, out, group)
+
+    def reshape_as(self, node: fx.Node, user: fx.Node, dim: int) -> None:
+        """``x.reshape_as(other)``: the sizes follow ``other``, so the widened axis must be
+        one that ``x`` and ``other`` both carry, kept in place."""
+        group = self.plan.tensors[node][1]
+        if user.args[0] is node:
+            to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
+            if to is None or to.kind != "keep":
+                self.refuse(user, "it reshapes the widened axis in a way morphcli cannot follow")
+            self.join(user.args[1], to.axis, group)
+            self.follow(user, to.axis, group)
+            return
+        kept = kept_axis(user, dim)  # ``node`` is ``other``: its sizes are the output's
+        if kept is None:
+            self.refuse(user, "it reshapes another tensor to the widened sizes")
+        self.join(user.args[0], kept, group)
+        self.follow(user, dim, group)
 
     def derive_expand(self, node: fx.Node, user: fx.Node, out_dim: int, block: int) -> None:
         plan = self.plan
         if user not in plan.derived:
             plan.derived[user] = lambda: plan.map_of(node).expand(block)
             self.follow(user, out_dim, Group(user))
+            self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
 
     # -- layers
 
@@ -460,7 +549,7 @@ class _Walker:
         why = rule.why_not(m)
         if why:
             self.refuse(node, why)
-        self.shared_check(node)
+        self.shared_check(node, node.args[0])
         if node not in self.plan.channelwise:
             self.plan.channelwise.append(node)
 
@@ -530,10 +619,14 @@ class _Walker:
             self.join_affine(node, 2, 3, group)
 
     def uniform(self, node: fx.Node, group: Group, kind: str) -> None:
-        if group.source is not None:
+        """Every unit of ``group`` must be copied equally often (for ``node``'s statistics)."""
+        root = group
+        while root.source is not None and id(root) in self.tiles:
+            root = self.tiles[id(root)]  # every unit copied equally often stays so, tiled
+        if root.source is not None:
             self.refuse(node, f"{kind} normalises over units laid out by a concatenation or "
                         "flatten, which cannot all be copied equally often")
-        group.uniform = group.uniform or node
+        root.uniform = root.uniform or node
 
     def join_affine(self, node: fx.Node, weight: int, bias: int, group: Group) -> None:
         """A functional norm's weight and bias (get_attr nodes) follow the units."""
@@ -552,11 +645,24 @@ class _Walker:
                         "a concatenation or flatten")
         group.blocks = math.lcm(group.blocks, groups)
 
-    def shared_check(self, node: fx.Node) -> None:
+    def shared_check(self, node: fx.Node, carries: Any) -> None:
+        """A layer called at several places is widened once for all of them: ``carries`` (the
+        call's widened input or output) is checked against the other calls' at the end."""
         if len(self.sites.get(str(node.target), ())) > 1:
-            calls = len(self.sites[str(node.target)])
-            self.refuse(node, f"layer {node.target} is called at {calls} "
-                        "places and widening it would change all of them")
+            self.shared.setdefault(str(node.target), {})[node] = carries
+
+    def shared_layers(self) -> None:
+        """Every call of a shared layer must carry the same units the same way."""
+        for path, seen in self.shared.items():
+            sites = self.sites[path]
+            placed = {(self.plan.tensors[t][0], id(self.plan.tensors[t][1]))
+                      for t in seen.values() if t in self.plan.tensors}
+            if len(seen) < len(sites) or len(placed) != 1:
+                self.refuse(sites[0], f"layer {path} is called at {len(sites)} places and "
+                            f"widening it would change all of them, "
+                            + ("and the widened units reach only some of them"
+                               if len(seen) < len(sites) else "with differently laid out "
+                               "units"))
 
 
 def _old_width(walker: _Walker, group: Group, node: fx.Node) -> int | None:

@@ -23,6 +23,9 @@ class Group:
     # A LayerNorm normalising over the units: every unit must be copied equally often
     # (ChannelMap.replicate), so that its mean and variance stay the same.
     uniform: fx.Node | None = None
+    # A reshape splits the units into (outer, heads, inner) axes: new units come as whole
+    # heads, alike in every outer block (``coupling_sizes.tiled``); the reshape node.
+    heads: tuple[int, int, fx.Node] | None = None
     # The group carries one range of another tensor's units (a split's piece, a concat's part)
     # or assembles a tensor from its pieces' groups (``morphs.coupling_split``).
     layout: Piece | Whole | None = None
@@ -54,6 +57,8 @@ class Coupling:
     consumers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (layer, input)
     channelwise: list[fx.Node] = field(default_factory=list)
     derived: dict[fx.Node, Callable[[], ChannelMap]] = field(default_factory=dict)
+    # Reads of the widened size (``x.shape[-1]``) and the old size each gets (coupling_sizes)
+    size_reads: list[tuple[fx.Node, int]] = field(default_factory=list)
     rewrites: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reshape, input)
     attrs: list[fx.Node] = field(default_factory=list)  # get_attr tensors that follow the map
     norm_shapes: list[fx.Node] = field(default_factory=list)  # F.layer_norm: normalized_shape

@@ -26,7 +26,8 @@ from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_
 from morphcli.graph.layers import find_one_layer
 from morphcli.morphs import coupling_split, limits
 from morphcli.morphs.coupling import analyse
-from morphcli.morphs.coupling_plan import Coupling, assign_maps
+from morphcli.morphs.coupling_plan import Coupling, Group, assign_maps
+from morphcli.morphs.coupling_sizes import fold_size_reads, heads_root
 from morphcli.morphs.plan import LayerResize, ResizePlan, constructor_changes, resize_layer
 from morphcli.morphs.result import Change, MorphResult
 from morphcli.morphs.runner import CheckOptions, Grown, as_graph_module, run_api
@@ -180,7 +181,9 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     gen = torch.Generator().manual_seed(opts.seed)
     group = plan.tensors[target][1]
     blocks = group.blocks
-    if group.uniform is not None:  # (its multiple of the old width is one of the blocks too)
+    if group.heads is not None:
+        root = _whole_heads(target, group, old, width, opts, result, gen)
+    elif group.uniform is not None:  # (its multiple of the old width is one of the blocks too)
         root = _replicated(target, group.uniform, old, width, blocks, opts, result)
     elif blocks > 1 and width % blocks:
         raise UnsupportedMorphError(
@@ -205,6 +208,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         entry.changes = constructor_changes(entry.old, new_module)
         record.layers.append(entry)
         result.changes.extend(_diff(entry.path, entry.old, new_module))
+    fold_size_reads(plan.size_reads)
     result.changes.extend(_rewrite_reshapes(plan))
     result.changes.extend(coupling_split.rewrite(plan))
     result.changes.extend(_rewrite_norm_shapes(plan))
@@ -242,6 +246,27 @@ def _statistics_kind(gm: Any, node: fx.Node) -> str:
     name = node.target if isinstance(node.target, str) else named.get(
         node.target, getattr(node.target, "__name__", "op"))
     return f"a {name}"
+
+
+def _whole_heads(target: fx.Node, group: Group, old: int, width: int, opts: WidenOptions,
+                 result: MorphResult, gen: torch.Generator) -> ChannelMap:
+    """The map for units a reshape splits into heads (``coupling_sizes.tiled``)."""
+    assert group.heads is not None
+    outer, inner, where = group.heads
+    step = outer * inner
+    if width % step or group.blocks > 1:
+        why = ("its units also meet a grouped convolution" if group.blocks > 1 else
+               f"the new width must be a multiple of {step} (e.g. --to "
+               f"{(width // step + 1) * step})")
+        raise UnsupportedMorphError(
+            f"cannot widen {target.target} to {width}: node {where.name!r} splits its units "
+            f"into {outer} x heads x {inner}, so new units come as whole heads, and {why}")
+    if group.uniform is not None:
+        _replicated(target, group.uniform, old, width, 1, opts, result)  # (refuses or notes)
+    layout = f"{outer} x heads x {inner}" if outer > 1 else f"heads of {inner}"
+    result.notes.append(f"new units come as whole heads of {inner} (node {where.name!r} splits "
+                        f"them into {layout}): {old // step} -> {width // step} heads")
+    return heads_root(old, width, outer, inner, group.uniform is not None, gen)
 
 
 def _resized_layers(gm: fx.GraphModule, plan: Coupling) -> Iterator[LayerResize]:
@@ -343,11 +368,8 @@ def _rewrite_reshapes(plan: Coupling) -> list[Change]:
         value = sizes[dim]
         if value == -1:
             continue
-        if not isinstance(value, int):
-            raise UnsupportedMorphError(
-                f"cannot widen: {node.name!r} reshapes with a computed size for the widened "
-                "axis; use -1 there")
-        if value != old_size:
+        # A computed size (from sizes read at run time) held the old width: now the new one.
+        if isinstance(value, int) and value != old_size:
             raise UnsupportedMorphError(f"cannot widen: unexpected size {value} in {node.name!r}")
         sizes[dim] = new_size
         if packed:
