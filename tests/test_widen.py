@@ -606,3 +606,26 @@ def test_widen_through_stack_along_a_new_axis(init: str) -> None:
     same_function(gm, wide)
     assert wide.get_submodule("b").out_channels == 11  # stacked with a: widened together
     assert wide.weights.shape == (1, 2, 11, 1, 1)
+
+
+class TokenMixer(nn.Module):
+    """ResMLP/Mixer: patch tokens, a Linear across the tokens, a residual over them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, stride=2)
+        self.tokens = nn.Linear(9, 9)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2)  # (B, 8, 9 tokens)
+        t = t + self.tokens(t)
+        return self.head(t.mean(2))
+
+
+def test_widening_the_token_count_is_refused_with_the_reason() -> None:
+    gm = graph_module(TokenMixer(), (2, 3, 6, 6))
+    with pytest.raises(UnsupportedMorphError, match="positions it merges .* the input's size"):
+        morphcli.widen(gm, "tokens", by=2, check=NO_CHECK)
+    wide, _ = morphcli.widen(gm, "patch", by=2, check=NO_CHECK)  # the channels grow
+    same_function(gm, wide)

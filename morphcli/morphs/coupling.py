@@ -227,6 +227,9 @@ class _Walker:
             return
         if node.op == "placeholder":
             self.refuse(node, "it is a model input, whose shape cannot change")
+        if op_name(node) in ("flatten", "call_method flatten"):  # (other axes pass above)
+            self.refuse(node, "its units are positions it merges (a patch embedding's "
+                        "tokens), whose number the input's size decides")
         self.refuse(node, "morphcli cannot widen the tensor it produces")
 
     def forward(self, node: fx.Node, user: fx.Node) -> None:
