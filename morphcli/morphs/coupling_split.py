@@ -314,7 +314,7 @@ def finish(plan: Coupling) -> None:
             _translate(plan, layout.whole, layout.hi, cuts, 0)
     tied = [_tied_ranges(plan, a, b) for a, b in plan.ties]
     plan.tied = [t for t in tied if t[0] != t[1]]  # (the same range: alike already)
-    for _ in range(len(plan.tied) + 1):  # each range of a tie is cut as the other one is
+    while True:  # each range of a tie is cut as the other is (ends: within the root's units)
         mirrored = {x + start for a, b, n in plan.tied for start in (a, b)
                     for x in (0, n, *(c - a for c in cuts if a < c < a + n),
                               *(c - b for c in cuts if b < c < b + n))}
