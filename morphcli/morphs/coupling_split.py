@@ -6,15 +6,14 @@ from the other side. Walking forward into a split, each piece gets a group whose
 range of the whole's map. Walking backward from a piece (or a concat's output), the whole's map
 is assembled from the maps of its widened pieces, its other units left as they are. For a
 piece to receive exactly its old units and the new copies of them, the root map keeps the
-units of every range together (``Coupling.segments``, used by ``root_map``); the split sizes and
-slice bounds are then rewritten to the new widths (``rewrite``).
+units of every range together (``Coupling.segments``, for ``split_growth.root_map``); the split
+sizes and slice bounds are then rewritten to the new widths (``rewrite``).
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -24,14 +23,24 @@ from morphcli.graph.edit import tensor_shape
 from morphcli.morphs.coupling_ops import arg
 from morphcli.morphs.coupling_plan import Coupling, Group, Piece, Whole
 from morphcli.morphs.result import Change
+from morphcli.morphs.split_ops import (
+    Range,
+    cut_axis,
+    is_cat,
+    is_flatten,
+    is_split,
+    running,
+    slice_entries,
+    slice_range,
+    split_pieces,
+    split_sizes,
+    width_of,
+)
 from morphcli.rules.channel_map import ChannelMap
 
 if TYPE_CHECKING:
     from morphcli.morphs.coupling import _Walker
 
-SPLIT_METHODS = {"split", "split_with_sizes", "chunk", "tensor_split"}
-SPLIT_FUNCS: set[Any] = {torch.split, torch.chunk, torch.tensor_split}
-Range = tuple[int, int]
 
 
 # -- the walk
@@ -42,7 +51,7 @@ def forward(w: _Walker, node: fx.Node, user: fx.Node, dim: int, rank: int) -> bo
     ``node`` is a part of); False leaves it to the walk."""
     plan = w.plan
     group = plan.tensors[node][1]
-    if _is_cat(user) and arg(user, 1, "dim", 0) % rank == dim and user in plan.tensors and \
+    if is_cat(user) and arg(user, 1, "dim", 0) % rank == dim and user in plan.tensors and \
             plan.tensors[user][1].source is not user:
         # a concat whose layout was set from its output's side: its parts are pieces of it
         layout = group.layout
@@ -71,7 +80,7 @@ def forward(w: _Walker, node: fx.Node, user: fx.Node, dim: int, rank: int) -> bo
 def backward(w: _Walker, node: fx.Node, dim: int, group: Group) -> bool:
     """``node`` must carry ``group``'s units: handled here if it is a concat along the units
     or a piece of a cut tensor; False leaves it to the walk."""
-    if _is_cat(node):
+    if is_cat(node):
         rank = len(tensor_shape(node) or ())
         if arg(node, 1, "dim", 0) % rank != dim:
             return False
@@ -93,7 +102,7 @@ def backward(w: _Walker, node: fx.Node, dim: int, group: Group) -> bool:
         layout = held.layout
         if not (isinstance(layout, Whole) and layout.whole is whole) or held_dim != whole_dim:
             w.refuse(node, "two differently laid out sets of units meet here")
-        if _is_cat(whole):
+        if is_cat(whole):
             _cat_parts(w, whole, whole_dim)  # the parts under this piece now carry units
         return True
     assembled = Group(node, layout=Whole(whole))
@@ -122,14 +131,14 @@ def _cat_parts(w: _Walker, cat: fx.Node, dim: int) -> None:
     range of it."""
     plan = w.plan
     layout = plan.tensors[cat][1].layout
-    width = _width(cat, dim)
+    width = width_of(cat, dim)
     covered = ([(lo, hi) for lo, hi, _ in _slots(plan, cat)]
                if isinstance(layout, Whole) and layout.whole is cat else [(0, width)])
     start = 0
     for part in arg(cat, 0, "tensors", []):
         if not isinstance(part, fx.Node):
             w.refuse(cat, "one of its parts is not a tensor of the graph")
-        end = start + _width(part, dim)
+        end = start + width_of(part, dim)
         if any(lo < end and start < hi for lo, hi in covered) and end > start:
             have = plan.tensors.get(part)
             ok = have is not None and isinstance(have[1].layout, Piece) and \
@@ -154,49 +163,28 @@ def tie(plan: Coupling, keep: Group, drop: Group) -> bool:
 # -- what a cut is
 
 
-def _is_cat(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.cat
-
-
-def _is_split(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in SPLIT_METHODS
-    return node.op == "call_function" and node.target in SPLIT_FUNCS
-
-
-def _width(node: fx.Node, dim: int) -> int:
-    shape = tensor_shape(node)
-    assert shape is not None  # every tensor the walk reaches has a known shape
-    return int(shape[dim])
-
-
-def _cut_axis(op: fx.Node, rank: int) -> int:
-    """The input axis a split cuts along."""
-    return int(arg(op, 2, "dim", 0)) % rank
-
-
 def _cut_of(w: _Walker, op: fx.Node, whole: fx.Node, dim: int, rank: int
             ) -> tuple[list[Range], list[list[fx.Node]], list[int], bool] | None:
     """For a split or slice ``op`` of ``whole``: the old unit range of each piece along
     ``dim``, the nodes holding each piece, the axis the units land on in each, and whether
     it cuts along ``dim`` at all; None if ``op`` is no cut of the units."""
-    if _is_split(op):
+    if is_split(op):
         if op.args[0] is not whole:
             return None
         axis = int(arg(op, 2, "dim", 0)) % rank
-        sizes = _split_sizes(op, _width(whole, axis))
+        sizes = split_sizes(op, width_of(whole, axis))
         if sizes is None:
             w.refuse(op, "its split sizes are computed at run time or cannot be read")
-        pieces = _split_pieces(op, len(sizes))
+        pieces = split_pieces(op, len(sizes))
         if pieces is None:
             w.refuse(op, "its pieces are used together (only xs[i] of a split is followed)")
         if axis != dim:
-            return [(0, _width(whole, dim))] * len(sizes), pieces, [dim] * len(sizes), False
-        bounds = [0, *_running(sizes)]
+            return [(0, width_of(whole, dim))] * len(sizes), pieces, [dim] * len(sizes), False
+        bounds = [0, *running(sizes)]
         return list(zip(bounds, bounds[1:], strict=False)), pieces, [dim] * len(sizes), True
     if op.op != "call_function" or op.target is not operator.getitem or op.args[0] is not whole:
         return None
-    entries = _slice_entries(op)
+    entries = slice_entries(op)
     if entries is None:
         return None
     at = [e for e in entries if e[1] == dim]
@@ -205,94 +193,10 @@ def _cut_of(w: _Walker, op: fx.Node, whole: fx.Node, dim: int, rank: int
     item, _, out_axis, _ = at[0]
     if not isinstance(item, slice) or item == slice(None) or out_axis is None:
         return None  # an integer index drops the axis: left to the walk, which refuses it
-    span = _slice_range(item, _width(whole, dim))
+    span = slice_range(item, width_of(whole, dim))
     if span is None:
         w.refuse(op, "it slices the widened axis with a step or computed bounds")
     return [span], [[op]], [out_axis], True
-
-
-def _running(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for s in sizes:
-        total += s
-        out.append(total)
-    return out
-
-
-def _split_sizes(op: fx.Node, width: int) -> list[int] | None:
-    """The piece sizes ``op`` cuts ``width`` units into, as torch computes them."""
-    size = op.args[1] if len(op.args) > 1 else next(
-        (v for k, v in op.kwargs.items() if k != "dim"), None)
-    name = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", "")
-    if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
-        if name == "tensor_split":
-            bounds = [0, *(min(max(int(s), 0), width) for s in size), width]
-            return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
-        return [int(s) for s in size] if sum(size) == width else None
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        return None
-    if name == "tensor_split":
-        return [width // size + (i < width % size) for i in range(size)]
-    step = math.ceil(width / size) if name == "chunk" else size
-    if step == 0:
-        return None
-    return [step] * (width // step) + ([width % step] if width % step else [])
-
-
-def _split_pieces(op: fx.Node, n: int) -> list[list[fx.Node]] | None:
-    pieces: list[list[fx.Node]] = [[] for _ in range(n)]
-    for u in op.users:
-        index = u.args[1] if len(u.args) > 1 else None
-        if u.op != "call_function" or u.target is not operator.getitem or \
-                not isinstance(index, int) or not -n <= index < n:
-            return None
-        pieces[index % n].append(u)
-    return pieces
-
-
-def _slice_entries(op: fx.Node) -> list[tuple[Any, int | None, int | None, int | None]] | None:
-    """``x[index]`` as (item, input axis, output axis, position in the index) per entry; None
-    unless the index holds only slices, integers, None and Ellipsis."""
-    if op.op != "call_function" or op.target is not operator.getitem:
-        return None
-    src = op.args[0]
-    shape = tensor_shape(src) if isinstance(src, fx.Node) else None
-    index = op.args[1]
-    if shape is None:
-        return None
-    items = list(index) if isinstance(index, tuple) else [index]
-    if not all(i is None or i is Ellipsis or isinstance(i, (slice, int)) for i in items) or \
-            any(isinstance(i, bool) for i in items):
-        return None
-    rank = len(shape)
-    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
-    entries: list[tuple[Any, int | None, int | None, int | None]] = []
-    axis = out = 0
-    for pos, item in enumerate(items):
-        if item is Ellipsis:
-            for _ in range(rank - consumed):
-                entries.append((slice(None), axis, out, None))
-                axis, out = axis + 1, out + 1
-        elif item is None:
-            entries.append((None, None, out, pos))
-            out += 1
-        else:
-            keeps = isinstance(item, slice)
-            entries.append((item, axis, out if keeps else None, pos))
-            axis, out = axis + 1, out + keeps
-    while axis < rank:
-        entries.append((slice(None), axis, out, None))
-        axis, out = axis + 1, out + 1
-    return entries
-
-
-def _slice_range(item: slice, width: int) -> Range | None:
-    if item.step not in (None, 1) or not all(
-            b is None or (isinstance(b, int) and not isinstance(b, bool))
-            for b in (item.start, item.stop)):
-        return None
-    lo, hi, _ = item.indices(width)
-    return lo, max(lo, hi)
 
 
 def _piece_of(w: _Walker, node: fx.Node, dim: int
@@ -304,18 +208,18 @@ def _piece_of(w: _Walker, node: fx.Node, dim: int
     src = node.args[0]
     if not isinstance(src, fx.Node):
         return None
-    if _is_split(src):
+    if is_split(src):
         whole = src.args[0]
         if not isinstance(whole, fx.Node):
             return None
-        axis = _cut_axis(src, len(tensor_shape(whole) or ()))
-        sizes = _split_sizes(src, _width(whole, axis))
-        pieces = _split_pieces(src, len(sizes)) if sizes is not None else None
+        axis = cut_axis(src, len(tensor_shape(whole) or ()))
+        sizes = split_sizes(src, width_of(whole, axis))
+        pieces = split_pieces(src, len(sizes)) if sizes is not None else None
         if pieces is None:
             w.refuse(src, "its split sizes or the use of its pieces cannot be followed")
         same = next(p for p in pieces if node in p)
         return whole, dim, same, axis == dim
-    entries = _slice_entries(node)
+    entries = slice_entries(node)
     if entries is None:
         return None
     at = [e for e in entries if e[2] == dim and e[1] is not None]
@@ -336,14 +240,14 @@ def _slots(plan: Coupling, whole: fx.Node) -> list[tuple[int, int, fx.Node]]:
     found: dict[Range, fx.Node] = {}
     for op in whole.users:
         ranges: list[Range]
-        if _is_split(op) and op.args[0] is whole and _cut_axis(op, rank) == dim:
-            sizes = _split_sizes(op, _width(whole, dim)) or []
-            bounds = [0, *_running(sizes)]
+        if is_split(op) and op.args[0] is whole and cut_axis(op, rank) == dim:
+            sizes = split_sizes(op, width_of(whole, dim)) or []
+            bounds = [0, *running(sizes)]
             ranges = list(zip(bounds, bounds[1:], strict=False))
-            pieces = _split_pieces(op, len(sizes)) or [[] for _ in sizes]
+            pieces = split_pieces(op, len(sizes)) or [[] for _ in sizes]
         else:
-            item = next((e[0] for e in _slice_entries(op) or [] if e[1] == dim), None)
-            span = _slice_range(item, _width(whole, dim)) if isinstance(item, slice) and \
+            item = next((e[0] for e in slice_entries(op) or [] if e[1] == dim), None)
+            span = slice_range(item, width_of(whole, dim)) if isinstance(item, slice) and \
                 item != slice(None) and op.args[0] is whole else None
             if span is None:
                 continue
@@ -364,7 +268,7 @@ def _slots(plan: Coupling, whole: fx.Node) -> list[tuple[int, int, fx.Node]]:
 def _assemble(plan: Coupling, whole: fx.Node) -> ChannelMap:
     """The map of a tensor built from its widened pieces' maps; units no widened piece covers
     stay as they were."""
-    width = _width(whole, plan.tensors[whole][0])
+    width = width_of(whole, plan.tensors[whole][0])
     out = ChannelMap.identity(0)
     at = 0
     for lo, hi, node in _slots(plan, whole):
@@ -410,7 +314,7 @@ def finish(plan: Coupling) -> None:
             _translate(plan, layout.whole, layout.hi, cuts, 0)
     tied = [_tied_ranges(plan, a, b) for a, b in plan.ties]
     plan.tied = [t for t in tied if t[0] != t[1]]  # (the same range: alike already)
-    for _ in range(len(plan.tied) + 1):  # each range of a tie is cut as the other one is
+    while True:  # each range of a tie is cut as the other is (ends: within the root's units)
         mirrored = {x + start for a, b, n in plan.tied for start in (a, b)
                     for x in (0, n, *(c - a for c in cuts if a < c < a + n),
                               *(c - b for c in cuts if b < c < b + n))}
@@ -449,10 +353,10 @@ def _root_range(plan: Coupling, node: fx.Node, lo: int, hi: int) -> int | None:
             node, lo, hi = slot[0][1], lo - slot[0][0], hi - slot[0][0]
         elif source is None:
             return lo
-        elif _is_cat(source):
+        elif is_cat(source):
             start, found = 0, None
             for part in arg(source, 0, "tensors", []):
-                end = start + _width(part, dim)
+                end = start + width_of(part, dim)
                 if start <= lo and hi <= end and part in plan.tensors:
                     found = (part, start)
                 start = end
@@ -468,7 +372,7 @@ def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int)
     """Unit boundary ``p`` of ``node`` as a boundary of the root's units (if it falls inside
     widened units at all)."""
     dim, group = plan.tensors[node]
-    if p <= 0 or p >= _width(node, dim):
+    if p <= 0 or p >= width_of(node, dim):
         return
     if depth > 1000:
         raise UnsupportedMorphError("cannot widen: the split layouts nest too deeply")
@@ -481,17 +385,17 @@ def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int)
                 _translate(plan, piece, p - lo, out, depth + 1)
     elif source is None:
         out.add(p)
-    elif _is_cat(source):
+    elif is_cat(source):
         start = 0
         for part in arg(source, 0, "tensors", []):
-            end = start + _width(part, dim)
+            end = start + width_of(part, dim)
             if start < p < end and part in plan.tensors:
                 _translate(plan, part, p - start, out, depth + 1)
             start = end
-    elif _is_flatten(source) and isinstance(source.args[0], fx.Node) and \
+    elif is_flatten(source) and isinstance(source.args[0], fx.Node) and \
             source.args[0] in plan.tensors:
         inp = source.args[0]
-        block = _width(source, plan.tensors[source][0]) // _width(inp, plan.tensors[inp][0])
+        block = width_of(source, plan.tensors[source][0]) // width_of(inp, plan.tensors[inp][0])
         if p % block:
             raise UnsupportedMorphError(
                 f"cannot widen: a split cuts through the features that {source.name!r} "
@@ -500,104 +404,6 @@ def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int)
     else:
         raise UnsupportedMorphError(
             f"cannot widen: a split's range cannot be traced back through {source.name!r}")
-
-
-def _is_flatten(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.op in ("call_module", "call_function", "call_method") and (
-        name in ("flatten", "view", "reshape") or "flatten" in str(name).lower())
-
-
-def root_map(plan: Coupling, old: int, width: int, blocks: int, uniform: bool,
-             gen: torch.Generator) -> ChannelMap:
-    """The widened layer's map when pieces take ranges of its units: every range (and every
-    block of a grouped convolution) grows on its own, by its share of the new units; tied
-    ranges grow alike."""
-    step = old // blocks
-    edges = sorted({0, old, *plan.segments, *(step * k for k in range(1, blocks))})
-    sizes = [b - a for a, b in zip(edges, edges[1:], strict=False)]
-    if plan.tied and blocks > 1:
-        raise UnsupportedMorphError("cannot widen: pieces that must carry the same units meet "
-                                    "a grouped convolution")
-    classes = _tie_classes(edges, plan.tied)
-    if uniform:
-        grown = [s * (width // old) for s in sizes]
-    elif plan.tied:
-        grown = _tied_shares(sizes, classes, width)
-    else:
-        grown = []
-        block_of = [a // step for a in edges[:-1]]
-        for b in range(blocks):
-            mine = [s for s, k in zip(sizes, block_of, strict=True) if k == b]
-            grown.extend(_shares(mine, width // blocks))
-    cmap = ChannelMap.grow_segments(sizes, grown, gen, replicate=uniform)
-    if not plan.tied:
-        return cmap
-    # every segment of a class takes the layout its first one drew
-    starts_old, starts_new = edges[:-1], [0, *_running(grown)][:-1]
-    src, new = cmap.src.clone(), cmap.new.clone()
-    for i, first in enumerate(classes):
-        if first != i:
-            a, b, n = starts_new[first], starts_new[i], grown[i]
-            src[b:b + n] = cmap.src[a:a + n] - starts_old[first] + starts_old[i]
-            new[b:b + n] = cmap.new[a:a + n]
-    return ChannelMap(src, new, old)
-
-
-def _tie_classes(edges: list[int], tied: list[tuple[int, int, int]]) -> list[int]:
-    """For each segment between ``edges``, the first segment it must grow like."""
-    index = {a: i for i, a in enumerate(edges[:-1])}
-    parent = list(range(len(index)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for a, b, n in tied:
-        for x in edges:
-            if a <= x < a + n:
-                i, j = find(index[x]), find(index[x - a + b])
-                parent[max(i, j)] = min(i, j)
-    return [find(i) for i in range(len(parent))]
-
-
-def _tied_shares(sizes: list[int], classes: list[int], width: int) -> list[int]:
-    """``_shares`` where the segments of a class grow by the same number of units."""
-    members: dict[int, list[int]] = {}
-    for i, c in enumerate(classes):
-        members.setdefault(c, []).append(i)
-    firsts = sorted(members)
-    extra, old = width - sum(sizes), sum(sizes)
-    exact = [extra * sizes[c] / old for c in firsts]
-    per = [int(x) for x in exact]
-    left = extra - sum(p * len(members[c]) for p, c in zip(per, firsts, strict=True))
-    for k in sorted(range(len(firsts)), key=lambda k: (per[k] - exact[k], k)):
-        n = len(members[firsts[k]])
-        if n <= left:
-            per[k] += 1
-            left -= n
-    if left:
-        raise UnsupportedMorphError(
-            f"cannot widen to {width} units: pieces that must carry the same units grow by the "
-            "same number of units, which this width does not allow (e.g. --factor 2)")
-    out = list(sizes)
-    for p, c in zip(per, firsts, strict=True):
-        for i in members[c]:
-            out[i] += p
-    return out
-
-
-def _shares(sizes: list[int], total: int) -> list[int]:
-    """``sizes`` grown to sum to ``total``, each in proportion (largest remainders first)."""
-    old = sum(sizes)
-    extra = total - old
-    exact = [extra * s / old for s in sizes]
-    floor = [int(x) for x in exact]
-    order = sorted(range(len(sizes)), key=lambda i: (floor[i] - exact[i], i))
-    for i in order[: extra - sum(floor)]:
-        floor[i] += 1
-    return [s + f for s, f in zip(sizes, floor, strict=True)]
 
 
 # -- rewriting the graph
@@ -615,26 +421,26 @@ def rewrite(plan: Coupling) -> list[Change]:
         assert isinstance(whole, fx.Node)
         dim = plan.tensors[whole][0]
         cmap = plan.map_of(whole)
-        if _is_split(op):
-            sizes = _split_sizes(op, _width(whole, dim))
+        if is_split(op):
+            sizes = split_sizes(op, width_of(whole, dim))
             assert sizes is not None  # (read by the walk)
-            bounds = [0, *_running(sizes)]
+            bounds = [0, *running(sizes)]
             spans = [_place(cmap, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
             new = [s[1] - s[0] for s in spans if s is not None]
             at = [s[0] for s in spans if s is not None]
-            if len(new) != len(sizes) or at != [0, *_running(new)][:-1]:
+            if len(new) != len(sizes) or at != [0, *running(new)][:-1]:
                 raise UnsupportedMorphError(
                     f"cannot widen: the pieces of split {op.name!r} would not hold their own "
                     "units side by side")
-            _check_pieces(plan, op, cmap, bounds, _split_pieces(op, len(sizes)) or [])
+            _check_pieces(plan, op, cmap, bounds, split_pieces(op, len(sizes)) or [])
             old_text, axis = str(sizes), arg(op, 2, "dim", 0)
             op.target = "split" if op.op == "call_method" else torch.split
             op.args, op.kwargs = (whole, new), {"dim": axis}
             changes.append(Change("rewired", op.name, old_text, str(new), "split sizes"))
             continue
-        entries = _slice_entries(op) or []
+        entries = slice_entries(op) or []
         item, _, _, pos = next(e for e in entries if e[1] == dim)
-        span = _slice_range(item, _width(whole, dim))
+        span = slice_range(item, width_of(whole, dim))
         assert span is not None and pos is not None  # (read by the walk)
         place = _place(cmap, *span)
         if place is None:

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from morphcli.errors import InputError, UnsupportedMorphError
 from morphcli.graph.edit import clone_structure, finish, replace_module, tensor_shape
 from morphcli.graph.layers import find_one_layer
-from morphcli.morphs import coupling_split, limits
+from morphcli.morphs import coupling_split, limits, split_growth
 from morphcli.morphs.coupling import analyse
 from morphcli.morphs.coupling_plan import Coupling, Group, assign_maps
 from morphcli.morphs.coupling_sizes import fold_size_reads, heads_root
@@ -195,7 +195,7 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
     else:
         root = ChannelMap.grow(old, width, gen)
     if plan.segments:  # pieces of a split take ranges of the units: each range grows apart
-        root = coupling_split.root_map(plan, old, width, blocks, group.uniform is not None, gen)
+        root = split_growth.root_map(plan, old, width, blocks, group.uniform is not None, gen)
     if blocks > 1:
         result.notes.append(f"new units are added inside each of the {blocks} channel groups")
     assign_maps(plan, target, root)
