@@ -225,6 +225,28 @@ def test_a_layer_called_at_several_places_widens_when_the_units_reach_all_alike(
                        input_shapes=[(1, 3, 6, 6)])
 
 
+class _RepeatNormalize(nn.Module):
+    """XCiT's pattern: a per-channel tensor repeated over the batch and tokens, and
+    F.normalize along the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.pos = nn.Parameter(torch.zeros(1, 1, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.fc1(x) + self.pos.repeat(b, n, 1)
+        return self.fc2(F.normalize(h, dim=1))
+
+
+def test_repeat_and_normalize_along_other_axes_keep_the_units() -> None:
+    model = _random(_RepeatNormalize())
+    wide, worst = _widen_exact(model, "fc1", (1, 5, 4), by=2)
+    assert worst < 1e-6
+    assert wide.get_parameter("pos").shape == (1, 1, 8)
+
+
 def test_a_channel_shuffle_is_refused_with_the_reason() -> None:
     class Shuffle(nn.Module):
         def __init__(self) -> None:

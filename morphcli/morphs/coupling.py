@@ -39,6 +39,7 @@ from morphcli.morphs.coupling_sizes import (
     is_regrouping,
     kept_axis,
     pads_other_axes,
+    repeated_axis,
     reshaped_axis,
     rolled_axis,
     split_from,
@@ -397,6 +398,10 @@ class _Walker:
             return indexed_axis(node.args[1], dim, in_rank, backward)
         if name == "roll":
             return rolled_axis(node, dim, in_rank)
+        if name == "repeat":
+            return repeated_axis(node, dim, in_rank, backward)
+        if name == "normalize" and node.op == "call_function":  # F.normalize along another axis
+            return dim if arg(node, 2, "dim", 1) % in_rank != dim else None
         if name == "expand":
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):

@@ -242,6 +242,19 @@ def rolled_axis(node: fx.Node, dim: int, rank: int) -> int | None:
     return dim if all(isinstance(d, int) and d % rank != dim for d in dims) else None
 
 
+def repeated_axis(node: fx.Node, dim: int, rank: int, backward: bool) -> int | None:
+    """``x.repeat(*sizes)`` that repeats other axes (XCiT's position encoding over the batch)
+    keeps the widened one, shifted by any leading axes it adds."""
+    sizes: Any = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = tuple(sizes[0])
+    lead = len(sizes) - rank  # (``rank`` is the input's)
+    out_dim, in_dim = (dim, dim - lead) if backward else (dim + lead, dim)
+    if lead < 0 or not 0 <= in_dim < rank or sizes[out_dim] != 1:
+        return None
+    return in_dim if backward else out_dim
+
+
 def pads_other_axes(node: fx.Node, dim: int, rank: int) -> bool:
     """Whether ``F.pad`` leaves the widened axis unpadded (pads come in pairs, last axis first)."""
     pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
