@@ -122,8 +122,7 @@ def build(name: str, trust_pickle: bool = False, zoo: str = "torchvision") -> fx
     from morphcli.io.api import to_graph_module
     from morphcli.io.torch_file import read_torch
 
-    model, arch, kwargs, shape = _fresh(name, zoo)
-    _trained_like(model)
+    model, arch, kwargs, shape = source(name, zoo)
     buf = io.BytesIO()
     torch.save(model if trust_pickle else model.state_dict(), buf)
     buf.seek(0)
@@ -132,8 +131,15 @@ def build(name: str, trust_pickle: bool = False, zoo: str = "torchvision") -> fx
                            input_shapes=[shape])
 
 
+def source(name: str, zoo: str) -> tuple[torch.nn.Module, str, dict[str, Any], tuple[int, ...]]:
+    """The model as ``build`` loads it (seeded, randomised as if trained: the same each call),
+    the --arch and --arch-kwargs that rebuild it, and its input shape."""
+    model, arch, kwargs, shape = _fresh(name, zoo)
+    _trained_like(model)
+    return model, arch, kwargs, shape
+
+
 def _fresh(name: str, zoo: str) -> tuple[torch.nn.Module, str, dict[str, Any], tuple[int, ...]]:
-    """The untrained model, the --arch and --arch-kwargs that rebuild it, its input shape."""
     torch.manual_seed(0)
     if zoo == "timm":
         import timm
