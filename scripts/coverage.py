@@ -17,13 +17,24 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import torch.fx as fx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
+
+from morphcli.errors import MorphError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # README: the torchvision block keeps its original markers; timm has its own.
@@ -48,24 +59,38 @@ def main() -> int:
     untraceable = list(zoo.TIMM_UNTRACEABLE) if args.zoo == "timm" else []
     names = args.models or [*zoo.ZOOS[args.zoo], *untraceable]
     console = Console(stderr=True)
-    run = _measure(names, args.zoo, None if args.count_only else args.limit, console)
-    widen_text = render_widenable(run.counts, run.broken)
+    limit = None if args.count_only else args.limit
+    # Tables are rewritten after each model: an interrupted run leaves the models it finished.
+    run = _measure(names, args.zoo, limit, console,
+                   lambda r: _publish(r, args, len(names), console, final=False))
+    _publish(run, args, len(names), console, final=True)
+    bad_export = any(v != "ok" for e in run.exports.values() for v in e.values())
+    failed = any(cell.failed for _, _, cell in run.rows)
+    return 1 if bad_export or failed or run.crashed else 0
+
+
+def _publish(run: _Run, args: argparse.Namespace, n_models: int, console: Console,
+             final: bool) -> None:
+    widen_text = render_widenable(run.counts, {**run.broken, **run.crashed})
+    done = len(run.counts) + len(run.broken) + len(run.crashed)
+    if not final:
+        widen_text = f"Partial run: {done} of {n_models} models so far.\n\n{widen_text}"
     if args.refusals:
         args.refusals.write_text(widen_text + "\n")
     if args.count_only:
-        print(widen_text)
-        return 0
-    table = render(run.rows, run.exports, run.unlisted, args.limit, run.seconds)
+        if final:
+            print(widen_text)
+        return
+    table = render(run.rows, run.exports, run.unlisted, args.limit, time.time() - run.started)
     section = f"{widen_text}\n\n{table}" if args.zoo == "timm" else table
-    print(section)
+    if final:
+        print(section)
     if not args.no_docs:
         update_docs(args.zoo, section)
     if not args.no_readme:
         readme = (f"{widen_text}\n\n{render_summary(run.rows)}" if args.zoo == "timm"
                   else table)
         update_readme(args.zoo, readme)
-    bad_export = any(v != "ok" for e in run.exports.values() for v in e.values())
-    return 1 if bad_export or any(cell.failed for _, _, cell in run.rows) else 0
 
 
 class _Run:
@@ -74,16 +99,15 @@ class _Run:
         self.exports: dict[str, dict[str, str]] = {}
         self.unlisted: dict[str, tuple[int, Counter]] = {}
         self.counts: dict[str, zoo.Widenable] = {}
-        self.broken: dict[str, str] = {}  # model -> the error that stopped loading it
-        self.seconds = 0.0
+        self.broken: dict[str, str] = {}  # model -> the refusal that stopped loading it
+        self.crashed: dict[str, str] = {}  # model -> an error that is no refusal (a bug)
+        self.started = time.time()
 
 
-def _measure(names: list[str], zoo_name: str, limit: int | None, console: Console) -> _Run:
+def _measure(names: list[str], zoo_name: str, limit: int | None, console: Console,
+             after_each: Callable[[_Run], None]) -> _Run:
     """Load each model; count its widenable layers; with a ``limit``, run the matrix too."""
-    from morphcli.errors import MorphError
-
     run = _Run()
-    started = time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         for name in names:
@@ -94,25 +118,36 @@ def _measure(names: list[str], zoo_name: str, limit: int | None, console: Consol
                 run.broken[name] = str(e)
                 progress.update(task, description=f"{name}: refused")
                 continue
-            run.counts[name] = zoo.widenable(gm)
-            if limit is None:
-                progress.update(task, total=1, completed=1, description=name)
-                continue
-            targets = {m: zoo.candidates(gm, m, limit) for m in zoo.MORPHS}
-            total = sum(len(t) * (1 if m == "deepen" else len(zoo.MORPHS[m]))
-                        for m, t in targets.items())
-            progress.update(task, total=total, description=name)
-            for morph, layers in targets.items():
-                cell = zoo.run_cell(gm, morph, layers, lambda t=task: progress.advance(t))
-                run.rows.append((name, morph, cell))
-                for failure in cell.failed:
-                    console.print(f"[red]FAILED[/] {name} {morph}: {failure}")
-            run.unlisted[name] = zoo.widen_unlisted(gm)
-            progress.update(task, description=f"{name}: exports")
-            with tempfile.TemporaryDirectory() as tmp:
-                run.exports[name] = zoo.export_roundtrip(gm, tmp)
-    run.seconds = time.time() - started
+            try:
+                _one_model(run, name, gm, limit, progress, task, console)
+            except Exception as e:  # a crash is a bug: recorded, and the run goes on
+                run.crashed[name] = f"crash {type(e).__name__}: {e}"
+                console.print(f"[red]CRASHED[/] {name}: {run.crashed[name]}")
+            if limit is not None:
+                after_each(run)
     return run
+
+
+def _one_model(run: _Run, name: str, gm: fx.GraphModule, limit: int | None,
+               progress: Progress, task: TaskID, console: Console) -> None:
+    run.counts[name] = zoo.widenable(gm)
+    if limit is None:
+        progress.update(task, total=1, completed=1, description=name)
+        return
+    targets = {m: zoo.candidates(gm, m, limit) for m in zoo.MORPHS}
+    total = sum(len(t) * (1 if m == "deepen" else len(zoo.MORPHS[m]))
+                for m, t in targets.items())
+    progress.update(task, total=total, description=name)
+    for morph, layers in targets.items():
+        cell = zoo.run_cell(gm, morph, layers, lambda t=task: progress.advance(t))
+        run.rows.append((name, morph, cell))
+        for failure in cell.failed:
+            console.print(f"[red]FAILED[/] {name} {morph}: {failure}")
+    run.unlisted[name] = zoo.widen_unlisted(gm)
+    progress.update(task, description=f"{name}: exports")
+    with tempfile.TemporaryDirectory() as tmp:
+        run.exports[name] = zoo.export_roundtrip(gm, tmp)
+    console.print(f"{name}: done, {time.time() - run.started:.0f} s into the run")
 
 
 def render_widenable(counts: dict[str, zoo.Widenable], broken: dict[str, str]) -> str:
