@@ -83,7 +83,14 @@ COUNTS = [("tinynet_e", 41, 41, 10, 1, {}),
 @pytest.mark.parametrize(("name", "listed", "total", "depthwise", "heads", "refusals"), COUNTS)
 def test_timm_widenable_count(name: str, listed: int, total: int, depthwise: int, heads: int,
                               refusals: dict[str, int]) -> None:
-    count = zoo.widenable(zoo.build(name, zoo="timm"))
+    from morphcli.graph.layers import layers
+    from morphcli.morphs.applicable import applicable_morphs
+
+    gm = zoo.build(name, zoo="timm")
+    count = zoo.widenable(gm)
+    inspected = [la for la in layers(gm) if isinstance(la.module, (nn.Conv2d, nn.Linear))
+                 and "widen" in applicable_morphs(gm, la)]
+    assert len(inspected) == count.listed  # what inspect lists, counted the same
     assert (count.listed, count.total, count.depthwise, count.classifiers) == (
         listed, total, depthwise, heads)
     assert sum(count.refused.values()) == total - listed
