@@ -1,7 +1,9 @@
-"""The torchvision zoo matrix: every morph on (a seeded sample of) every layer it applies to.
+"""The zoo matrix: every morph on (a seeded sample of) every layer it applies to, over the
+torchvision zoo or the timm one.
 
-Shared by ``scripts/coverage.py`` (the full matrix and the README table) and the CI slice in
-``tests/test_zoo.py``. Models are built with ``weights=None``: nothing is downloaded.
+Shared by ``scripts/coverage.py`` (the full matrix and the README table) and the CI slices in
+``tests/test_zoo.py`` and ``tests/test_timm_zoo.py``. Models are built with ``weights=None`` or
+``pretrained=False``: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -39,6 +41,52 @@ MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "squeezenet1_0": ({}, (1, 3, 64, 64)),
 }
 
+_S64 = (1, 3, 64, 64)
+_IMG64 = {"img_size": 64}
+# timm models, the smallest of each family: name -> (create_model kwargs, input shape). 64x64
+# images; models whose position embeddings or attention biases follow the image size are built
+# for it (img_size), Swin with 4x4 windows to fit its 16x16 patch grid. EfficientFormer-L1's
+# last-stage attention bias is fixed at 7x7 tokens (it has no img_size), so it needs 224x224.
+TIMM_MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    # ResNet and its variants
+    "resnet18": ({}, _S64), "resnet26d": ({}, _S64), "seresnet18": ({}, _S64),
+    "ecaresnet26t": ({}, _S64), "resnext26ts": ({}, _S64), "res2net50_14w_8s": ({}, _S64),
+    "skresnet18": ({}, _S64), "resnest14d": ({}, _S64),
+    # EfficientNet / MobileNet families
+    "efficientnet_b0": ({}, _S64), "mixnet_s": ({}, _S64), "tinynet_e": ({}, _S64),
+    "mobilenetv2_050": ({}, _S64), "mobilenetv3_small_050": ({}, _S64),
+    "mobilenetv3_large_075": ({}, _S64), "lcnet_050": ({}, _S64), "rexnet_100": ({}, _S64),
+    "ghostnet_050": ({}, _S64), "ghostnetv2_100": ({}, _S64), "repvit_m0_9": ({}, _S64),
+    "hgnetv2_b0": ({}, _S64),
+    # other CNNs
+    "regnetx_002": ({}, _S64), "regnety_002": ({}, _S64), "hrnet_w18_small": ({}, _S64),
+    "dla34": ({}, _S64), "cspresnet50": ({}, _S64), "cspdarknet53": ({}, _S64),
+    "dpn68": ({}, _S64), "densenet121": ({}, _S64), "vovnet39a": ({}, _S64),
+    "repvgg_a0": ({}, _S64), "mobileone_s0": ({}, _S64), "selecsls42b": ({}, _S64),
+    "gernet_s": ({}, _S64), "starnet_s050": ({}, _S64),
+    # ConvNeXt and MetaFormer-style
+    "convnext_atto": ({}, _S64), "convnextv2_atto": ({}, _S64), "poolformer_s12": ({}, _S64),
+    "inception_next_tiny": ({}, _S64), "mambaout_femto": ({}, _S64),
+    "edgenext_xx_small": ({}, _S64), "fastvit_t8": ({}, _S64),
+    # transformers and MLPs
+    "vit_tiny_patch16_224": (_IMG64, _S64), "deit_tiny_patch16_224": (_IMG64, _S64),
+    "cait_xxs24_224": (_IMG64, _S64), "xcit_nano_12_p16_224": (_IMG64, _S64),
+    "pit_ti_224": (_IMG64, _S64), "levit_128s": (_IMG64, _S64),
+    "coat_lite_tiny": (_IMG64, _S64), "pvt_v2_b0": ({}, _S64),
+    "swin_tiny_patch4_window7_224": ({"img_size": 64, "window_size": 4}, _S64),
+    "efficientformer_l1": ({}, (1, 3, 224, 224)), "efficientformerv2_s0": (_IMG64, _S64),
+    "mixer_s16_224": (_IMG64, _S64), "resmlp_12_224": (_IMG64, _S64),
+}
+# timm models fx cannot trace at any input size: each branches in Python on a traced size.
+# Kept so the coverage run records the refusal each one gets (it must name the model's line).
+TIMM_UNTRACEABLE: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    "mobilevit_xxs": ({}, (1, 3, 256, 256)),  # mobilevit.py: if new_h != H or new_w != W
+    "tf_efficientnet_lite0": ({}, (1, 3, 224, 224)),  # TF "same" padding computed per call
+    "tiny_vit_5m_224": ({}, (1, 3, 224, 224)),  # tiny_vit.py: if H == self.window_size ...
+    "efficientvit_m0": (_IMG64, _S64),  # efficientvit_msra.py: if H == ws and W == ws
+}
+ZOOS = {"torchvision": MODELS, "timm": TIMM_MODELS}
+
 # Each variant is one row of the table: (morph, variant label, keyword arguments).
 DEEPEN_VARIANTS = [
     {"init": "identity"}, {"init": "decompose"}, {"init": "identity", "norm": True},
@@ -65,26 +113,45 @@ class Cell:
     worst_rel: float = 0.0
 
 
-def build(name: str, trust_pickle: bool = False) -> fx.GraphModule:
-    """Load NAME the way users have it: a state_dict with --arch, or a whole pickle with
-    --trust (both through morphcli's loader, from bytes in memory)."""
+def build(name: str, trust_pickle: bool = False, zoo: str = "torchvision") -> fx.GraphModule:
+    """Load NAME of ZOO the way users have it: a state_dict with --arch
+    (``torchvision.models:NAME``, or ``timm:create_model`` with ``model_name``), or a whole
+    pickle with --trust (both through morphcli's loader, from bytes in memory)."""
     import io
 
-    import torchvision
-
-    kwargs, shape = MODELS[name]
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
-    _trained_like(model)
-    buf = io.BytesIO()
-    torch.save(model if trust_pickle else model.state_dict(), buf)
     from morphcli.io.api import to_graph_module
     from morphcli.io.torch_file import read_torch
 
+    model, arch, kwargs, shape = source(name, zoo)
+    buf = io.BytesIO()
+    torch.save(model if trust_pickle else model.state_dict(), buf)
     buf.seek(0)
     ckpt = read_torch(name, buf, trust=trust_pickle)
-    return to_graph_module(ckpt, arch=None if trust_pickle else f"torchvision.models:{name}",
-                           arch_kwargs=kwargs, input_shapes=[shape])
+    return to_graph_module(ckpt, arch=None if trust_pickle else arch, arch_kwargs=kwargs,
+                           input_shapes=[shape])
+
+
+def source(name: str, zoo: str) -> tuple[torch.nn.Module, str, dict[str, Any], tuple[int, ...]]:
+    """The model as ``build`` loads it (seeded, randomised as if trained: the same each call),
+    the --arch and --arch-kwargs that rebuild it, and its input shape."""
+    model, arch, kwargs, shape = _fresh(name, zoo)
+    _trained_like(model)
+    return model, arch, kwargs, shape
+
+
+def _fresh(name: str, zoo: str) -> tuple[torch.nn.Module, str, dict[str, Any], tuple[int, ...]]:
+    torch.manual_seed(0)
+    if zoo == "timm":
+        import timm
+
+        kwargs, shape = {**TIMM_MODELS, **TIMM_UNTRACEABLE}[name]
+        kwargs = {"model_name": name, **kwargs}
+        return timm.create_model(**kwargs).eval(), "timm:create_model", kwargs, shape
+    import torchvision
+
+    kwargs, shape = MODELS[name]
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    return model, f"torchvision.models:{name}", kwargs, shape
 
 
 def _trained_like(model: torch.nn.Module) -> None:
@@ -94,7 +161,9 @@ def _trained_like(model: torch.nn.Module) -> None:
     class token at zero (so the output is 0 whatever the body computes and every check passes
     vacuously), ConvNeXt's layer scales at 1e-6 (so a wrong residual branch moves the output by
     1e-6 of its scale, inside the tolerance), BatchNorm and LayerNorm at 1 and 0 with unit
-    statistics (so a wrong channel order goes unseen). Those get seeded random values."""
+    statistics (so a wrong channel order goes unseen). timm likewise starts its layer scales
+    (``gamma``, ``ls.gamma``, ``layer_scale``) at 1e-6 or 1e-5 and some heads at zero. Every
+    such constant tensor gets seeded random values added."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -134,6 +203,61 @@ def widen_unlisted(gm: fx.GraphModule) -> tuple[int, Counter]:
         except MorphError as e:
             refused[reason(str(e))] += 1
     return typed, refused
+
+
+OUTPUT_REASON = "reach the model's output"
+
+
+@dataclass
+class Widenable:
+    """Conv2d and Linear layers of one model against inspect's widen listing. ``total`` counts
+    those of a widenable kind: depthwise convs (widened with their producer) and the final
+    classifiers (their units are the model's output) are left out of it and counted apart."""
+
+    total: int = 0
+    listed: int = 0
+    depthwise: int = 0
+    classifiers: int = 0
+    refused: Counter = field(default_factory=Counter)  # normalised reason -> layers
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.listed / self.total if self.total else 100.0
+
+
+def widenable(gm: fx.GraphModule) -> Widenable:
+    """Count, for each Conv2d and Linear layer, whether ``inspect`` lists widen for it, and the
+    coupling analysis's reason when it does not."""
+    from morphcli.graph.edit import tensor_shape
+    from morphcli.morphs.coupling import analyse
+    from morphcli.rules import registry
+
+    out = Widenable()
+    for la in layers(gm):
+        m = la.module
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        channelwise = registry.lookup("channelwise", m)
+        if channelwise is not None and channelwise.applies(m):
+            out.depthwise += 1
+            continue
+        if registry.lookup("widen_out", m) is None or tensor_shape(la.node) is None:
+            why = "no widen rule" if tensor_shape(la.node) is not None else "no recorded shape"
+        else:
+            try:
+                analyse(gm, la.node)
+                why = None
+            except MorphError as e:
+                why = reason(str(e))
+        if why is not None and OUTPUT_REASON in why:
+            out.classifiers += 1
+            continue
+        out.total += 1
+        if why is None:
+            out.listed += 1
+        else:
+            out.refused[why] += 1
+    return out
 
 
 def run_cell(gm: fx.GraphModule, morph: str, targets: list[Layer],
