@@ -76,15 +76,13 @@ TIMM_MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "swin_tiny_patch4_window7_224": ({"img_size": 64, "window_size": 4}, _S64),
     "efficientformer_l1": ({}, (1, 3, 224, 224)), "efficientformerv2_s0": (_IMG64, _S64),
     "mixer_s16_224": (_IMG64, _S64), "resmlp_12_224": (_IMG64, _S64),
+    # branching in Python on sizes: traced at the input size
+    "mobilevit_xxs": ({}, _S64), "tf_efficientnet_lite0": ({}, _S64),
+    "tiny_vit_5m_224": ({}, (1, 3, 224, 224)), "efficientvit_m0": (_IMG64, _S64),
 }
-# timm models fx cannot trace at any input size: each branches in Python on a traced size.
-# Kept so the coverage run records the refusal each one gets (it must name the model's line).
-TIMM_UNTRACEABLE: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
-    "mobilevit_xxs": ({}, (1, 3, 256, 256)),  # mobilevit.py: if new_h != H or new_w != W
-    "tf_efficientnet_lite0": ({}, (1, 3, 224, 224)),  # TF "same" padding computed per call
-    "tiny_vit_5m_224": ({}, (1, 3, 224, 224)),  # tiny_vit.py: if H == self.window_size ...
-    "efficientvit_m0": (_IMG64, _S64),  # efficientvit_msra.py: if H == ws and W == ws
-}
+# timm models that do not load, each refused naming the model's line. None since branches on
+# sizes are taken as the input takes them (MobileViT, TinyViT, EfficientViT, TF padding).
+TIMM_UNTRACEABLE: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {}
 ZOOS = {"torchvision": MODELS, "timm": TIMM_MODELS}
 
 # Each variant is one row of the table: (morph, variant label, keyword arguments).
