@@ -629,3 +629,26 @@ def test_widening_the_token_count_is_refused_with_the_reason() -> None:
         morphcli.widen(gm, "tokens", by=2, check=NO_CHECK)
     wide, _ = morphcli.widen(gm, "patch", by=2, check=NO_CHECK)  # the channels grow
     same_function(gm, wide)
+
+
+class ResizedGate(nn.Module):
+    """GhostNetV2's attention: a gate computed at a lower resolution, resized back up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(nn.functional.avg_pool2d(x, 2)))
+        return self.out(self.conv(x) * nn.functional.interpolate(g, size=x.shape[-2:]))
+
+
+@pytest.mark.parametrize("layer", ["conv", "gate"])
+def test_widen_through_a_resize_reached_backwards(layer: str) -> None:
+    torch.manual_seed(0)
+    gm = graph_module(ResizedGate(), (2, 3, 8, 8))
+    wide, result = morphcli.widen(gm, layer, by=3)
+    assert result.check.equivalent and result.exact
+    same_function(gm, wide)
+    assert wide.get_submodule("gate").out_channels == wide.get_submodule("conv").out_channels == 11

@@ -181,6 +181,10 @@ class _Walker:
                 (is_batched_product(node) and dim < len(tensor_shape(node) or ()) - 2):
             self.join_operands(node, dim, group)  # (a product: each head on its own)
             return
+        if node.op == "call_function" and node.target in SPATIAL_FUNCS and dim == 1 and \
+                isinstance(node.args[0], fx.Node):  # pooled or resized along the positions
+            self.join(node.args[0], dim, group)
+            return
         piece = unbound(node)
         if piece is not None:
             src, axis = piece
