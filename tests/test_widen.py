@@ -205,21 +205,29 @@ def test_group_norm_copies_every_channel_equally_inside_its_group(norm: nn.Modul
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
     gm = graph_module(_Norms(norm), (2, 3, 6, 6))
-    wide, result = morphcli.widen(gm, "conv", factor=2, init=init)
-    assert result.check.equivalent and result.exact
-    same_function(gm, wide)
+    wide = _copied_twice_in_groups(gm, init, norm.num_groups, "GroupNorm")
     new = wide.get_submodule("norm")
     assert new.weight.shape == new.bias.shape == (16,)
     if type(norm) is nn.GroupNorm:
         assert (new.num_groups, new.num_channels) == (norm.num_groups, 16)
-    half = 8 // norm.num_groups  # group g holds its old channels, then their copies
+
+
+def _copied_twice_in_groups(gm: torch.fx.GraphModule, init: str, groups: int,
+                            kind: str) -> torch.fx.GraphModule:
+    """Widen ``conv`` (8 units) x2: exact, every unit copied once inside its group (its old
+    units first, then their copies), the note names ``kind``; +3 units is refused."""
+    wide, result = morphcli.widen(gm, "conv", factor=2, init=init)
+    assert result.check.equivalent and result.exact
+    same_function(gm, wide)
+    half = 8 // groups
     rows = wide.get_submodule("conv").weight.detach()
-    for g in range(norm.num_groups):
+    for g in range(groups):  # copies equal their source going in
         block = rows[g * 2 * half:(g + 1) * 2 * half]
         assert torch.equal(block[half:], block[:half])
-    assert any("GroupNorm" in note and "copied 2 times" in note for note in result.notes)
-    with pytest.raises(UnsupportedMorphError, match="GroupNorm .*multiple of 8"):
+    assert any(kind in note and "copied 2 times" in note for note in result.notes)
+    with pytest.raises(UnsupportedMorphError, match=f"{kind} .*multiple of 8"):
         morphcli.widen(gm, "conv", by=3, check=NO_CHECK)
+    return wide
 
 
 class PreNormBlock(nn.Module):
@@ -572,15 +580,7 @@ class ResponseNorm(nn.Module):
 @pytest.mark.parametrize("init", ["zero", "copy"])
 def test_mean_over_the_units_copies_every_unit_equally(init: str) -> None:
     torch.manual_seed(0)
-    gm = graph_module(ResponseNorm(), (2, 3, 6, 6))
-    wide, result = morphcli.widen(gm, "conv", factor=2, init=init)
-    assert result.check.equivalent and result.exact
-    same_function(gm, wide)
-    rows = wide.get_submodule("conv").weight.detach()
-    assert torch.equal(rows[8:], rows[:8])  # copies equal their source going in
-    assert any("a mean (node" in note and "copied 2 times" in note for note in result.notes)
-    with pytest.raises(UnsupportedMorphError, match="a mean .*multiple of 8"):
-        morphcli.widen(gm, "conv", by=3, check=NO_CHECK)
+    _copied_twice_in_groups(graph_module(ResponseNorm(), (2, 3, 6, 6)), init, 1, "a mean")
 
 
 class StackedPaths(nn.Module):
