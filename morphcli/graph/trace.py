@@ -7,6 +7,7 @@ import inspect
 import io
 import operator
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -204,19 +205,26 @@ def _tensors(out: object) -> list[torch.Tensor]:
 
 def _caller_line() -> str:
     """The model's line (outside torch and morphcli) that is deciding a branch now."""
-    import os
     import traceback
+
+    return _model_frame(traceback.extract_stack()) or "a line of the model"
+
+
+def _model_frame(frames: Any) -> str | None:
+    """``path:line (source)`` of the innermost frame outside torch and morphcli, if any."""
+    import os
 
     import morphcli
 
     skip = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, morphcli))
-    frames = [f for f in traceback.extract_stack()
-              if not f.filename.startswith(skip) and not f.filename.startswith("<")]
-    if not frames:
-        return "a line of the model"
-    f = frames[-1]
+    mine = [f for f in frames if not f.filename.startswith(skip) and
+            not f.filename.startswith("<")]
+    if not mine:
+        return None
+    f = mine[-1]
     path = f.filename.split(f"site-packages{os.sep}", 1)[-1]
-    return f"{path}:{f.lineno} ({(f.line or '').strip()[:80]})"
+    source = f" ({(f.line or '').strip()[:120]})" if f.line else ""
+    return f"{path}:{f.lineno}{source}"
 
 
 def _erase_unused(node: fx.Node) -> None:
@@ -394,22 +402,14 @@ class _ShapeProp(ShapeProp):
 def _model_line(e: BaseException) -> str:
     """Where in the model's own code tracing stopped: the innermost frame outside torch and
     morphcli (``, at timm/models/mobilevit.py:250: if new_h != H or new_w != W:``)."""
-    import os
     import traceback
 
-    import morphcli
-
-    skip = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, morphcli))
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith(skip) and not f.filename.startswith("<")]
-    if not frames:
+    where = _model_frame(traceback.extract_tb(e.__traceback__))
+    if where is None:
         return ""
-    f = frames[-1]
-    path = f.filename.split(f"site-packages{os.sep}", 1)[-1]
-    source = f" ({(f.line or '').strip()[:120]})" if f.line else ""
     hint = ("; the model branches on a traced value there (e.g. a size): rewrite that line "
             "without Python control flow on tensors" if "control flow" in str(e) else "")
-    return f", at {path}:{f.lineno}{source}{hint}"
+    return f", at {where}{hint}"
 
 
 def _first_line(e: BaseException) -> str:
