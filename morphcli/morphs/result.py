@@ -28,7 +28,9 @@ class MorphResult:
     exact: bool = True  # False when the morph is approximate by request (noise, --approx)
     notes: list[str] = field(default_factory=list)
     check: CheckReport | None = None
-    # When an exact morph fails the check: the same check in float64 (runner.check_in_float64).
+    # When an exact morph fails the check: the same check in float64 (runner.check_in_float64);
+    # if they agree there and the float32 difference is within both models' own round-off,
+    # ``check`` becomes that re-check (it passes, and its note says so).
     float64_check: CheckReport | None = None
     plan: ResizePlan = field(default_factory=ResizePlan)  # what happened to each tensor
 
