@@ -247,20 +247,29 @@ def test_repeat_and_normalize_along_other_axes_keep_the_units() -> None:
     assert wide.get_parameter("pos").shape == (1, 1, 8)
 
 
-def test_a_channel_shuffle_is_refused_with_the_reason() -> None:
-    class Shuffle(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+class _Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: the units' groups interleave before a dense conv."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.a(x)
-            b, c, hh, ww = h.shape
-            return self.o(h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww))
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
 
-    with pytest.raises(UnsupportedMorphError, match="merges the widened axis with the axes "
-                       "before it"):
-        morphcli.widen(Shuffle(), "a", by=2, input_shapes=[(1, 3, 4, 4)])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        b, c, hh, ww = h.shape
+        return self.o(h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def test_a_channel_shuffle_before_a_dense_layer_is_followed_exactly() -> None:
+    """The view splits the units into 2 groups (taken as heads: new units come as whole
+    groups), the transpose interleaves them, and the reshape merges them back: the consumer's
+    columns follow that interleaved layout, so the function is unchanged."""
+    model = _random(_Shuffle())
+    wide, worst = _widen_exact(model, "a", (1, 3, 4, 4), by=8)
+    assert worst < 1e-6
+    assert wide.get_submodule("a").out_channels == wide.get_submodule("o").in_channels == 16
+    with pytest.raises(UnsupportedMorphError, match="multiple of 4"):  # whole groups of 4
+        morphcli.widen(model, "a", by=2, input_shapes=[(1, 3, 4, 4)])
 
 
 # ---------------------------------------------------------------- heads

@@ -282,19 +282,6 @@ def test_rewritten_splits_survive_save_and_load(tmp_path, cls: type[nn.Module], 
     assert assert_same_function(model, back, [shape], seeds=(0, 1)).max_rel < 1e-6
 
 
-class _Shuffle(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
-        self.o = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        b, c, hh, ww = h.shape
-        h = h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
-        return self.o(h)
-
-
 class _Strided(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -317,7 +304,6 @@ class _Together(nn.Module):
 
 
 @pytest.mark.parametrize("cls,message", [
-    (_Shuffle, "reads the widened size|channel shuffle"),  # a channel shuffle: a limit
     (_Strided, "slices the widened axis with a step"),
     (_Together, "pieces are used together"),
 ])
@@ -334,6 +320,10 @@ timm = pytest.importorskip("timm")
     ("cspresnet50", ["stages.0.conv_exp.conv", "stages.1.blocks.0.conv3.conv"]),
     ("rexnet_100", ["features.1.conv_pwl.conv", "features.2.conv_pwl.conv"]),
     ("ghostnet_050", ["conv_stem", "blocks.1.0.ghost2.primary_conv.0"]),
+    # split attention: a view into paths x channels (the channels carry the units), softmax
+    # over the paths; ResNeSt's radix-grouped conv and its reshapes through a transpose
+    ("skresnet18", ["layer1.0.conv1.attn.fc_select", "layer2.0.conv1.paths.0.conv"]),
+    ("resnest14d", ["layer1.0.conv2.conv"]),
 ])
 def test_timm_split_models_widen_exactly(name: str, layers: list[str]) -> None:
     from test_timm import _randomised as randomised_timm

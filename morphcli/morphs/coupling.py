@@ -38,6 +38,8 @@ from morphcli.morphs.coupling_sizes import (
     is_batched_product,
     is_regrouping,
     kept_axis,
+    merged_into,
+    merged_span,
     pads_other_axes,
     repeated_axis,
     reshaped_axis,
@@ -52,19 +54,44 @@ from morphcli.morphs.coupling_sizes import (
 from morphcli.rules import registry
 from morphcli.rules.channel_map import ChannelMap
 
+# How many layouts of ambiguous splits the walk tries before it refuses.
+_MAX_WALKS = 8
+
 
 def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
-    """The coupling plan for widening ``target``'s output (maps filled by ``assign_maps``)."""
-    walker = _Walker(gm, target)
-    walker.run()
-    coupling_split.finish(walker.plan)
-    return walker.plan
+    """The coupling plan for widening ``target``'s output (maps filled by ``assign_maps``).
+
+    A reshape that splits the widened axis into several (paths x channels, heads x head_dim)
+    does not say which of them carries the units: the walk takes the heads first and, if that
+    is refused, walks again with the next axis (SKNet's and ResNeSt's paths x channels). The
+    refusal given is the first walk's."""
+    choices: dict[fx.Node, int] = {}
+    first: UnsupportedMorphError | None = None
+    for _ in range(_MAX_WALKS):
+        walker = _Walker(gm, target, choices)
+        try:
+            walker.run()
+        except UnsupportedMorphError as e:
+            first = first or e
+            retry = walker.next_choices()
+            if retry is None:
+                break
+            choices = retry
+            continue
+        coupling_split.finish(walker.plan)
+        return walker.plan
+    assert first is not None
+    raise first
 
 
 class _Walker:
-    def __init__(self, gm: fx.GraphModule, target: fx.Node) -> None:
+    def __init__(self, gm: fx.GraphModule, target: fx.Node,
+                 choices: dict[fx.Node, int] | None = None) -> None:
         self.gm = gm
         self.target = target
+        # Splits of the widened axis met, in order: reshape -> (axis chosen, axes it may be).
+        self.choices = dict(choices or {})
+        self.splits: list[tuple[fx.Node, int, list[int]]] = []
         self.plan = Coupling()
         self.queue: list[fx.Node] = []
         self.sites = _call_sites(gm)
@@ -111,6 +138,29 @@ class _Walker:
         if coupling_split.tie(self.plan, keep, drop):
             return
         self.refuse(where, "two differently laid out sets of units meet here")
+
+    def choose(self, node: fx.Node, default: int, first: int, last: int,
+               shape: tuple[int, ...]) -> int:
+        """Which of axes ``first..last`` (a split of the widened axis, or those a reshape merges
+        into it) carries the units: ``default`` (the heads) unless a later walk chose
+        another (see ``analyse``). Axes of size 1 cannot."""
+        axes = [a for a in range(first, last + 1) if shape[a] > 1]
+        axes.sort(key=lambda a: a != default)
+        if not axes:
+            return default
+        if all(n is not node for n, _, _ in self.splits):
+            self.splits.append((node, self.choices.get(node, axes[0]), axes))
+        return self.choices.get(node, axes[0])
+
+    def next_choices(self) -> dict[fx.Node, int] | None:
+        """After a refused walk: the latest split with an axis not tried yet takes it (the
+        splits met after it fall back to their first choice); None when all were tried."""
+        for i in range(len(self.splits) - 1, -1, -1):
+            node, chosen, axes = self.splits[i]
+            if chosen != axes[-1]:
+                kept = {n: a for n, a, _ in self.splits[:i]}
+                return {**kept, node: axes[axes.index(chosen) + 1]}
+        return None
 
     def refuse(self, node: fx.Node, why: str) -> NoReturn:
         op = node.op
@@ -196,6 +246,14 @@ class _Walker:
                 for part in arg(node, 0, "tensors", []):
                     self.join(part, dim, group)
                 return
+        if node.op == "call_function" and node.target is torch.stack:
+            rank = len(tensor_shape(node) or ())
+            axis = arg(node, 1, "dim", 0) % rank
+            if axis == dim:
+                self.refuse(node, "it stacks tensors along the widened axis")
+            for part in arg(node, 0, "tensors", []):  # every part carries the units
+                self.join(part, dim - 1 if axis < dim else dim, group)
+            return
         if coupling_split.backward(self, node, dim, group):  # a concat's output, a piece
             return
         if is_regrouping(node):  # (walking forward from its input records any rewrite)
@@ -212,6 +270,18 @@ class _Walker:
                 self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
                 self.tiles[id(tiles)] = group
                 self.join(src, axis, tiles)
+                return
+            merged = merged_into(node, dim)
+            if merged is not None:  # the units are one of the input axes merged into ``dim``
+                src, first, last, default = merged
+                shape = tensor_shape(src) or ()
+                axis = self.choose(node, default, first, last, shape)
+                outer, inner = math.prod(shape[first:axis]), math.prod(shape[axis + 1:last + 1])
+                part = Group(node)
+                self.plan.derived[src] = lambda: untiled(self.plan.map_of(node), outer, inner,
+                                                         f"node {node.name!r}")
+                self.tiles[id(part)] = group
+                self.join(src, axis, part)
                 return
         attention = _attention_output_of(self.gm, node)
         if attention is not None:  # its units are its query's: widen from there
@@ -472,26 +542,44 @@ class _Walker:
         if outer == 1:
             self.derive_expand(node, user, start, inner)
             return
+        self.derive_tiled(node, user, start, outer, inner)  # (Swin's patch merging: 2x2xC)
+
+    def derive_tiled(self, node: fx.Node, user: fx.Node, axis: int, outer: int,
+                     inner: int) -> None:
+        """``user``'s ``axis`` merges ``outer`` x units x ``inner`` of ``node``."""
         plan = self.plan
-        if user not in plan.derived:  # (Swin's patch merging: 2 x 2 x C -> 4C)
+        if user not in plan.derived:
             plan.derived[user] = lambda: tiled(plan.map_of(node), outer, inner)
-            self.follow(user, start, Group(user))
-            self.tiles[id(plan.tensors[user][1])] = group
+            self.follow(user, axis, Group(user))
+            self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
 
     def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
         """A view/reshape that keeps the widened axis, merges it with the axes after it (as
         flatten) or splits it; the size given for it is rewritten."""
         to = reshaped_axis(tensor_shape(node) or (), tensor_shape(user) or (), dim)
+        if (user, node) not in self.plan.rewrites:
+            self.plan.rewrites.append((user, node))
+        if user in self.plan.tensors and (to is None or to.kind != "keep"):
+            return  # reached from its output: walking back derives one layout from the other
         if to is None:
-            self.refuse(user, why_not_reshaped(tensor_shape(node) or (), dim,
-                                               tensor_shape(user) or ()))
-        self.plan.rewrites.append((user, node))
+            span = merged_span(tensor_shape(node) or (), tensor_shape(user) or (), dim)
+            if span is None:
+                self.refuse(user, why_not_reshaped(tensor_shape(node) or (), dim,
+                                                   tensor_shape(user) or ()))
+            first, last, axis = span  # merged with axes before it too (after a transpose)
+            shape = tensor_shape(node) or ()
+            self.derive_tiled(node, user, axis, math.prod(shape[first:dim]),
+                              math.prod(shape[dim + 1:last + 1]))
+            return
         if to.kind == "keep":
             self.follow(user, to.axis, self.plan.tensors[node][1])
         elif to.kind == "merge":
             self.derive_expand(node, user, to.axis, to.block)
         else:
-            self.split_heads(node, user, to.axis, to.outer, to.inner)
+            shape = tensor_shape(user) or ()
+            axis = self.choose(user, to.axis, to.first, to.last, shape)
+            self.split_heads(node, user, axis, math.prod(shape[to.first:axis]),
+                             math.prod(shape[axis + 1:to.last + 1]))
 
     def split_heads(self, node: fx.Node, user: fx.Node, axis: int, outer: int,
                     inner: int) -> None:

@@ -89,13 +89,15 @@ class Reshaped:
     """Where a view/reshape puts the widened axis: at ``axis`` of its output, as it was
     (``kind`` "keep"), merged with the ``block`` elements of the axes after it ("merge"), or
     split into ``outer`` x units x ``inner`` output axes, the units axis just before the last
-    factor ("split": heads x head_dim)."""
+    factor ("split": heads x head_dim); a split covers output axes ``first`` to ``last``."""
 
     kind: str
     axis: int
     block: int = 1
     outer: int = 1
     inner: int = 1
+    first: int = 0
+    last: int = 0
 
 
 def reshaped_axis(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
@@ -124,7 +126,22 @@ def reshaped_axis(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
             if span == size and end > p:
                 units = end - 1
                 return Reshaped("split", units, outer=math.prod(shape_out[p:units]),
-                                inner=shape_out[end])
+                                inner=shape_out[end], first=p, last=end)
+    return None
+
+
+def merged_span(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
+                dim: int) -> tuple[int, int, int] | None:
+    """Input axes ``first..last`` around ``dim`` that a reshape merges into one output axis,
+    and that axis (a merge with the axes before the units, as after a transpose); else None."""
+    for first in range(dim, -1, -1):
+        before = math.prod(shape_in[:first])
+        for last in range(dim, len(shape_in)):
+            size = math.prod(shape_in[first:last + 1])
+            for p in range(len(shape_out)):
+                if math.prod(shape_out[:p]) == before and shape_out[p] == size and \
+                        (first, last) != (dim, dim):
+                    return first, last, p
     return None
 
 
@@ -139,8 +156,9 @@ def why_not_reshaped(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, 
 
 
 def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
-    """For a view/reshape whose output axis ``dim`` is the heads of an input axis split into
-    (outer, heads, inner): that input, its axis, outer and inner; else None."""
+    """For a view/reshape whose output axis ``dim`` is one of the axes an input axis is split
+    into (outer x units x inner: qkv's heads, or SKNet's paths x channels, units last): that
+    input, its axis, outer and inner; else None."""
     src = node.args[0]
     shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
     shape_out = tensor_shape(node)
@@ -149,9 +167,27 @@ def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
         return None
     for d in range(len(shape_in)):
         to = reshaped_axis(shape_in, shape_out, d)
-        if to is not None and to.kind == "split" and to.axis == dim:
-            return src, d, to.outer, to.inner
+        if to is not None and to.kind == "split" and to.first <= dim <= to.last:
+            return (src, d, math.prod(shape_out[to.first:dim]),
+                    math.prod(shape_out[dim + 1:to.last + 1]))
     return None
+
+
+def merged_into(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
+    """For a view/reshape whose output axis ``dim`` merges input axes ``first`` to ``last``
+    (ResNeSt's radix x channels): that input, first, last and the axis the heads convention
+    picks (``reshaped_axis``); else None. (A flatten's merged axis is a patch embedding's
+    tokens, refused by name.)"""
+    src = node.args[0]
+    shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
+    shape_out = tensor_shape(node)
+    if not isinstance(src, fx.Node) or shape_in is None or shape_out is None or \
+            node.target not in ("view", "reshape"):
+        return None
+    back = reshaped_axis(shape_out, shape_in, dim)
+    if back is None or back.kind != "split":
+        return None
+    return src, back.first, back.last, back.axis
 
 
 def kept_axis(node: fx.Node, dim: int) -> int | None:

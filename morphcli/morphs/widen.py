@@ -254,8 +254,12 @@ def _whole_heads(target: fx.Node, group: Group, old: int, width: int, opts: Wide
     assert group.heads is not None
     outer, inner, where = group.heads
     step = outer * inner
-    if width % step or group.blocks > 1:
-        why = ("its units also meet a grouped convolution" if group.blocks > 1 else
+    # Tiled alike in every outer block, copies stay in their block: a grouped convolution
+    # whose groups are whole outer blocks (ResNeSt's radix) keeps its groups.
+    crossed = outer % group.blocks != 0
+    if width % step or crossed:
+        why = (f"its units also meet a grouped convolution ({group.blocks} groups) whose "
+               f"groups cut across those {outer} blocks" if crossed else
                f"the new width must be a multiple of {step} (e.g. --to "
                f"{(width // step + 1) * step})")
         raise UnsupportedMorphError(
@@ -263,9 +267,14 @@ def _whole_heads(target: fx.Node, group: Group, old: int, width: int, opts: Wide
             f"into {outer} x heads x {inner}, so new units come as whole heads, and {why}")
     if group.uniform is not None:
         _replicated(target, group.uniform, old, width, 1, opts, result)  # (refuses or notes)
-    layout = f"{outer} x heads x {inner}" if outer > 1 else f"heads of {inner}"
-    result.notes.append(f"new units come as whole heads of {inner} (node {where.name!r} splits "
-                        f"them into {layout}): {old // step} -> {width // step} heads")
+    if inner == 1:  # (SKNet's paths x channels: the channels are the units)
+        result.notes.append(f"new units come alike in each of the {outer} blocks node "
+                            f"{where.name!r} splits them into: {old // step} -> {width // step} "
+                            "units per block")
+    else:
+        layout = f"{outer} x heads x {inner}" if outer > 1 else f"heads of {inner}"
+        result.notes.append(f"new units come as whole heads of {inner} (node {where.name!r} "
+                            f"splits them into {layout}): {old // step} -> {width // step} heads")
     return heads_root(old, width, outer, inner, group.uniform is not None, gen)
 
 
