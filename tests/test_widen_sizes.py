@@ -400,3 +400,33 @@ def test_timm_widen_exact(name: str, kwargs: dict, shape: tuple[int, ...], layer
     _, worst = _widen_exact(model, layer, shape, factor=2)
     assert worst < 1e-6
     assert math.isfinite(worst)
+
+
+# ---------------------------------------------------------------- products of activations
+
+
+class _Products(nn.Module):
+    """Values mixed by attention weights from both sides: ``v @ attn`` keeps v's rows (the
+    features, EfficientViT's cascaded attention) and ``attn @ v`` its columns; ``q @ k``
+    sums over q's features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 5),
+                                          nn.Linear(10, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = (self.q(x) @ self.k(x).transpose(1, 2)).softmax(-1)  # (B, N, N)
+        v = self.v(x)  # (B, N, 5)
+        rows = (v.transpose(1, 2) @ attn.transpose(1, 2)).transpose(1, 2)
+        return self.o(torch.cat([rows, attn @ v], -1))
+
+
+def test_products_keep_the_rows_and_columns_of_their_factors() -> None:
+    model = _random(_Products())
+    wide, worst = _widen_exact(model, "v", (1, 7, 4), by=3)
+    assert worst < 1e-6
+    assert wide.get_submodule("o").in_features == 16
+    with pytest.raises(UnsupportedMorphError, match="multiplies along the widened axis .* no "
+                       "weight after the product can take it out"):
+        morphcli.widen(model, "q", by=2, input_shapes=[(1, 7, 4)])

@@ -324,6 +324,8 @@ timm = pytest.importorskip("timm")
     # over the paths; ResNeSt's radix-grouped conv and its reshapes through a transpose
     ("skresnet18", ["layer1.0.conv1.attn.fc_select", "layer2.0.conv1.paths.0.conv"]),
     ("resnest14d", ["layer1.0.conv2.conv"]),
+    # the residual stream chunked into heads, each head's values mixed by ``v @ attn``
+    ("efficientvit_m0", ["stages.0.blocks.0.ffn1.m.pw2.conv"]),
 ])
 def test_timm_split_models_widen_exactly(name: str, layers: list[str]) -> None:
     from test_timm import _randomised as randomised_timm

@@ -41,6 +41,7 @@ from morphcli.morphs.coupling_sizes import (
     merged_into,
     merged_span,
     pads_other_axes,
+    product_axes,
     repeated_axis,
     reshaped_axis,
     rolled_axis,
@@ -231,6 +232,14 @@ class _Walker:
                 (is_batched_product(node) and dim < len(tensor_shape(node) or ()) - 2):
             self.join_operands(node, dim, group)  # (a product: each head on its own)
             return
+        if is_batched_product(node):  # rows of the first factor, columns of the second
+            rank = len(tensor_shape(node) or ())
+            for operand, axis in product_axes(node):
+                shape = tensor_shape(operand) if isinstance(operand, fx.Node) else None
+                if axis == dim - rank and shape is not None and len(shape) >= 2:
+                    self.join(operand, len(shape) + axis, group)
+                    return
+            self.refuse(node, "its output axis is not one a factor carries")
         if node.op == "call_function" and node.target in SPATIAL_FUNCS and dim == 1 and \
                 isinstance(node.args[0], fx.Node):  # pooled or resized along the positions
             self.join(node.args[0], dim, group)
@@ -611,13 +620,22 @@ class _Walker:
 
     def batched_product(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
         """matmul or attention with the units on a batch axis (the heads): every operand
-        carries them there, and so does the product."""
-        if dim >= rank - 2:
-            self.refuse(user, "it multiplies along the widened axis")
-        out = dim + len(tensor_shape(user) or ()) - rank
+        carries them there, and so does the product; on the rows of matmul's first factor,
+        the columns of its second or attention's value features, only the product does."""
+        out_rank = len(tensor_shape(user) or ())
         group = self.plan.tensors[node][1]
-        self.follow(user, out, group)
-        self.join_operands(user, out, group)
+        if dim < rank - 2:
+            out = dim + out_rank - rank
+            self.follow(user, out, group)
+            self.join_operands(user, out, group)
+            return
+        if rank >= 2 and any(operand is node and axis == dim - rank
+                             for operand, axis in product_axes(user)):
+            self.follow(user, out_rank + dim - rank, group)
+            return
+        self.refuse(user, "it multiplies along the widened axis (a product of two "
+                    "activations, as a query and a key): each new unit would add its product "
+                    "to every sum, and no weight after the product can take it out")
 
     def reshape_as(self, node: fx.Node, user: fx.Node, dim: int) -> None:
         """``x.reshape_as(other)``: the sizes follow ``other``, so the widened axis must be

@@ -225,6 +225,18 @@ def is_batched_product(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _PRODUCT_FUNCS
 
 
+def product_axes(node: fx.Node) -> list[tuple[Any, int]]:
+    """The operand axes whose units a product's output keeps on its last two axes, as
+    (operand, axis from the end): matmul's rows of the first operand (-2) and columns of the
+    second (-1); attention's value features (-1). The other non-batch axes are summed over."""
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+        return [(value, -1)]
+    operands = [*node.args[:2], *(node.kwargs.get(k) for k in ("other", "mat2")
+                                   if k in node.kwargs)]
+    return list(zip(operands[:2], (-2, -1), strict=False))
+
+
 def unbound(node: fx.Node) -> tuple[fx.Node, int] | None:
     """For ``x.unbind(d)[i]``: ``x`` and ``d``; else None."""
     if node.op != "call_function" or node.target is not operator.getitem:
