@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import assert_same_function
 from torch import nn
+from torch.nn import functional as F
 
 import morphcli
 from morphcli.errors import UnsupportedMorphError
@@ -253,17 +254,33 @@ class Ghost(nn.Module):
         return self.o(torch.cat([x1, self.cheap(x1)], 1)[:, :8] + h)
 
 
+class GatedConcat(nn.Module):
+    """MambaOut's gated conv block: a gate times the concat of the split's other two pieces,
+    one of them through a depthwise conv, so the gate's units are the concat's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.dw = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.o = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, i, c = torch.split(self.a(x), [6, 4, 2], dim=1)
+        return self.o(F.gelu(g) * torch.cat((i, self.dw(c)), dim=1))
+
+
 @pytest.mark.parametrize("init", ["zero", "copy"])
-@pytest.mark.parametrize("cls,layer", [(TiedChunks, "a"), (Ghost, "stem")])
+@pytest.mark.parametrize("cls,layer,old", [(TiedChunks, "a", 8), (Ghost, "stem", 8),
+                                           (GatedConcat, "a", 12)])
 def test_pieces_that_carry_the_same_units_grow_alike(cls: type[nn.Module], layer: str,
-                                                     init: str) -> None:
+                                                     old: int, init: str) -> None:
     model = _randomised(cls())
     for by in (2, 6):
         wide, result = morphcli.widen(model, layer, by=by, init=init, input_shapes=[SHAPE])
         out_map = next(e for e in result.plan.layers if e.path == layer).out_map
         assert out_map is not None
-        half = (8 + by) // 2  # the two halves: the same units and copies, 4 apart
-        assert torch.equal(out_map.src[:half] + 4, out_map.src[half:])
+        half = (old + by) // 2  # the two halves: the same units and copies, old/2 apart
+        assert torch.equal(out_map.src[:half] + old // 2, out_map.src[half:])
         assert torch.equal(out_map.new[:half], out_map.new[half:])
         assert assert_same_function(model, wide, [SHAPE], seeds=(0, 1)).max_rel < 1e-6
     with pytest.raises(UnsupportedMorphError, match="grow by the same number of units"):
@@ -326,6 +343,7 @@ timm = pytest.importorskip("timm")
     ("resnest14d", ["layer1.0.conv2.conv"]),
     # the residual stream chunked into heads, each head's values mixed by ``v @ attn``
     ("efficientvit_m0", ["stages.0.blocks.0.ffn1.m.pw2.conv"]),
+    ("mambaout_femto", ["stages.0.blocks.0.fc1"]),  # GatedConcat in a real model
 ])
 def test_timm_split_models_widen_exactly(name: str, layers: list[str]) -> None:
     from test_timm import _randomised as randomised_timm

@@ -144,11 +144,9 @@ class _Walker:
                shape: tuple[int, ...]) -> int:
         """Which of axes ``first..last`` (a split of the widened axis, or those a reshape merges
         into it) carries the units: ``default`` (the heads) unless a later walk chose
-        another (see ``analyse``). Axes of size 1 cannot."""
-        axes = [a for a in range(first, last + 1) if shape[a] > 1]
-        axes.sort(key=lambda a: a != default)
-        if not axes:
-            return default
+        another (see ``analyse``). Other axes of size 1 hold no units (one head can become
+        several; one of ResNeSt's cardinality groups stays one)."""
+        axes = [default, *(a for a in range(first, last + 1) if a != default and shape[a] > 1)]
         if all(n is not node for n, _, _ in self.splits):
             self.splits.append((node, self.choices.get(node, axes[0]), axes))
         return self.choices.get(node, axes[0])

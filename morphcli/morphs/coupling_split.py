@@ -54,8 +54,9 @@ def forward(w: _Walker, node: fx.Node, user: fx.Node, dim: int, rank: int) -> bo
     if is_cat(user) and arg(user, 1, "dim", 0) % rank == dim and user in plan.tensors and \
             plan.tensors[user][1].source is not user:
         # a concat whose layout was set from its output's side: its parts are pieces of it
-        layout = group.layout
-        if isinstance(layout, Piece) and layout.whole is user:
+        # (or tied to one: MambaOut's ``g * cat(i, conv(c))``, g, i, c pieces of one split)
+        tied = [b if a is group else a for a, b in plan.ties if group is a or group is b]
+        if any(isinstance(g.layout, Piece) and g.layout.whole is user for g in [group, *tied]):
             return True
         w.refuse(user, "two differently laid out sets of units meet here")
     cut = _cut_of(w, user, node, dim, rank)
@@ -150,14 +151,26 @@ def _cat_parts(w: _Walker, cat: fx.Node, dim: int) -> None:
 
 
 def tie(plan: Coupling, keep: Group, drop: Group) -> bool:
-    """Two pieces of equal width meet (a depthwise conv's output added to the next chunk):
-    accepted for ``finish`` to place, if their ranges of the root can grow alike."""
-    a, b = keep.layout, drop.layout
-    if not (isinstance(a, Piece) and isinstance(b, Piece) and a.hi - a.lo == b.hi - b.lo):
+    """Two pieces of equal width meet (a depthwise conv's output added to the next chunk;
+    MambaOut's gate times the concat of the other two pieces): accepted for ``finish`` to
+    place, if their ranges of the root can grow alike."""
+    a, b = _tied_span(plan, keep), _tied_span(plan, drop)
+    if a is None or b is None or a[2] - a[1] != b[2] - b[1]:
         return False
     if not any(k is keep and d is drop or k is drop and d is keep for k, d in plan.ties):
         plan.ties.append((keep, drop))
     return True
+
+
+def _tied_span(plan: Coupling, group: Group) -> tuple[fx.Node, int, int] | None:
+    """The units a group holds as a range of one tensor: a piece's of its whole, a concat's
+    (whose parts may be pieces) of itself; None for any other group."""
+    layout, source = group.layout, group.source
+    if isinstance(layout, Piece):
+        return layout.whole, layout.lo, layout.hi
+    if layout is None and source is not None and is_cat(source) and source in plan.tensors:
+        return source, 0, width_of(source, plan.tensors[source][0])
+    return None
 
 
 # -- what a cut is
@@ -325,15 +338,14 @@ def finish(plan: Coupling) -> None:
 
 
 def _tied_ranges(plan: Coupling, a: Group, b: Group) -> tuple[int, int, int]:
-    pa, pb = a.layout, b.layout
-    assert isinstance(pa, Piece) and isinstance(pb, Piece)  # (tie accepts only pieces)
-    n = pa.hi - pa.lo
-    ra = _root_range(plan, pa.whole, pa.lo, pa.hi)
-    rb = _root_range(plan, pb.whole, pb.lo, pb.hi)
+    pa, pb = _tied_span(plan, a), _tied_span(plan, b)
+    assert pa is not None and pb is not None  # (tie accepts only these)
+    n = pa[2] - pa[1]
+    ra, rb = _root_range(plan, *pa), _root_range(plan, *pb)
     if ra is None or rb is None or 0 < abs(ra - rb) < n:
         raise UnsupportedMorphError(
             "cannot widen: two differently laid out sets of units meet (pieces of "
-            f"{pa.whole.name!r} and {pb.whole.name!r} that are not two ranges of the widened "
+            f"{pa[0].name!r} and {pb[0].name!r} that are not two ranges of the widened "
             "layer's units)")
     return ra, rb, n
 
@@ -354,18 +366,30 @@ def _root_range(plan: Coupling, node: fx.Node, lo: int, hi: int) -> int | None:
         elif source is None:
             return lo
         elif is_cat(source):
-            start, found = 0, None
-            for part in arg(source, 0, "tensors", []):
-                end = start + width_of(part, dim)
-                if start <= lo and hi <= end and part in plan.tensors:
-                    found = (part, start)
-                start = end
-            if found is None:
-                return None
-            node, lo, hi = found[0], lo - found[1], hi - found[1]
+            return _root_range_of_parts(plan, source, dim, lo, hi)
         else:
             return None
     return None
+
+
+def _root_range_of_parts(plan: Coupling, cat: fx.Node, dim: int, lo: int, hi: int
+                         ) -> int | None:
+    """Where units ``lo:hi`` of a concat start among the root's units, if the parts under
+    them hold consecutive ranges of them."""
+    start, first, expect = 0, None, None
+    for part in arg(cat, 0, "tensors", []):
+        end = start + width_of(part, dim)
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            if part not in plan.tensors:
+                return None
+            at = _root_range(plan, part, a - start, b - start)
+            if at is None or (expect is not None and at != expect):
+                return None
+            first = at if first is None else first
+            expect = at + b - a
+        start = end
+    return first
 
 
 def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int) -> None:
