@@ -222,6 +222,40 @@ def test_layernorm_then_chunk_replicates_within_each_half(init: str) -> None:
         morphcli.widen(model, "fc", by=3, input_shapes=[(4, 5)], check=NO_CHECK)
 
 
+class ChunksThenNorm(nn.Module):
+    """EdgeNeXt's split convs: chunks, one through a depthwise conv, concatenated again and
+    normalised over the channels (``other``: a concat with a layer the widen leaves alone)."""
+
+    def __init__(self, other: bool = False) -> None:
+        super().__init__()
+        self.other = other
+        self.fc = nn.Linear(5, 8)
+        self.dw = nn.Conv1d(4, 4, 3, padding=1, groups=4)
+        self.side = nn.Linear(5, 4)
+        self.ln = nn.LayerNorm(8)
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, 5)
+        u, v = self.fc(x).chunk(2, -1)
+        u = self.dw(u.transpose(1, 2)).transpose(1, 2)
+        return self.o(self.ln(torch.cat([u, self.side(x) if self.other else v], -1)))
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+def test_a_norm_over_a_concat_of_the_widened_pieces_replicates_them(init: str) -> None:
+    model = _randomised(ChunksThenNorm())
+    wide, result = morphcli.widen(model, "fc", factor=2, init=init, input_shapes=[(2, 6, 5)])
+    out_map = next(e for e in result.plan.layers if e.path == "fc").out_map
+    assert out_map is not None and out_map.src.tolist() == [0, 1, 2, 3, 0, 1, 2, 3,
+                                                            4, 5, 6, 7, 4, 5, 6, 7]
+    assert wide.get_submodule("ln").normalized_shape == (16,)
+    assert assert_same_function(model, wide, [(2, 6, 5)], seeds=(0, 1)).max_rel < 1e-6
+    with pytest.raises(UnsupportedMorphError, match="LayerNorm normalises over units laid "
+                       "out by a concatenation"):  # the side layer's units are not copied
+        morphcli.widen(_randomised(ChunksThenNorm(other=True)), "fc", factor=2,
+                       input_shapes=[(2, 6, 5)])
+
+
 class TiedChunks(nn.Module):
     """EdgeNeXt: a depthwise conv's output (the first chunk's units) added to the second
     chunk, so both chunks must carry the same units."""
@@ -344,6 +378,7 @@ timm = pytest.importorskip("timm")
     # the residual stream chunked into heads, each head's values mixed by ``v @ attn``
     ("efficientvit_m0", ["stages.0.blocks.0.ffn1.m.pw2.conv"]),
     ("mambaout_femto", ["stages.0.blocks.0.fc1"]),  # GatedConcat in a real model
+    ("edgenext_xx_small", ["stages.1.blocks.1.pos_embd.token_projection"]),  # ChunksThenNorm
 ])
 def test_timm_split_models_widen_exactly(name: str, layers: list[str]) -> None:
     from test_timm import _randomised as randomised_timm

@@ -32,7 +32,7 @@ from morphcli.morphs.coupling_ops import (
     op_name,
     reduced_axes,
 )
-from morphcli.morphs.coupling_plan import Coupling, Group
+from morphcli.morphs.coupling_plan import Coupling, Group, Whole
 from morphcli.morphs.coupling_sizes import (
     indexed_axis,
     is_batched_product,
@@ -52,6 +52,7 @@ from morphcli.morphs.coupling_sizes import (
     why_not_reshaped,
     widened_reads,
 )
+from morphcli.morphs.split_ops import is_cat
 from morphcli.rules import registry
 from morphcli.rules.channel_map import ChannelMap
 
@@ -101,6 +102,7 @@ class _Walker:
         # units): id -> that group.
         self.tiles: dict[int, Group] = {}
         self.shared: dict[str, dict[fx.Node, Any]] = {}  # shared layer -> its calls reached
+        self.uniform_cats: list[tuple[fx.Node, fx.Node, str]] = []  # (norm, concat, refusal)
 
     # -- bookkeeping
 
@@ -186,6 +188,7 @@ class _Walker:
             for user in list(node.users):
                 self.forward(node, user)
         self.shared_layers()
+        self.uniform_concats()
 
     def backward(self, node: fx.Node) -> None:
         """How ``node`` is produced decides what else must carry its units."""
@@ -739,10 +742,26 @@ class _Walker:
         root = group
         while root.source is not None and id(root) in self.tiles:
             root = self.tiles[id(root)]  # every unit copied equally often stays so, tiled
+        why = (f"{kind} normalises over units laid out by a concatenation or flatten, which "
+               "cannot all be copied equally often")
+        held = root.layout.whole if isinstance(root.layout, Whole) else \
+            root.source if root.source is not None and is_cat(root.source) and \
+            root.layout is None else None
+        if held is not None:
+            # Assembled from pieces of the widened units (EdgeNeXt's split convs): copied
+            # equally often if the widened layer's are, checked once the walk is done.
+            self.uniform_cats.append((node, held, why))
+            root = self.plan.tensors[self.target][1]
         if root.source is not None:
-            self.refuse(node, f"{kind} normalises over units laid out by a concatenation or "
-                        "flatten, which cannot all be copied equally often")
+            self.refuse(node, why)
         root.uniform = root.uniform or node
+
+    def uniform_concats(self) -> None:
+        """A tensor a norm needs uniform, assembled from pieces, holds only ranges of the
+        widened units."""
+        for norm, held, why in self.uniform_cats:
+            if not coupling_split.of_root_ranges(self.plan, held):
+                self.refuse(norm, why)
 
     def join_affine(self, node: fx.Node, weight: int, bias: int, group: Group) -> None:
         """A functional norm's weight and bias (get_attr nodes) follow the units."""

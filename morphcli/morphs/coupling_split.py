@@ -372,6 +372,28 @@ def _root_range(plan: Coupling, node: fx.Node, lo: int, hi: int) -> int | None:
     return None
 
 
+def of_root_ranges(plan: Coupling, node: fx.Node, depth: int = 0) -> bool:
+    """Whether every unit of ``node`` is a unit of the widened layer's, as one range of them,
+    or as pieces (a concat's parts, a whole's slots covering it) that each are."""
+    if node not in plan.tensors or depth > 100:
+        return False
+    dim, group = plan.tensors[node]
+    width = width_of(node, dim)
+    if _root_range(plan, node, 0, width) is not None:
+        return True
+    if isinstance(group.layout, Whole) and group.layout.whole is node:
+        slots, at = _slots(plan, node), 0
+        for lo, hi, piece in slots:
+            if lo != at or not of_root_ranges(plan, piece, depth + 1):
+                return False
+            at = hi
+        return at == width
+    if group.layout is None and group.source is node and is_cat(node):
+        return all(isinstance(p, fx.Node) and of_root_ranges(plan, p, depth + 1)
+                   for p in arg(node, 0, "tensors", []))
+    return False
+
+
 def _root_range_of_parts(plan: Coupling, cat: fx.Node, dim: int, lo: int, hi: int
                          ) -> int | None:
     """Where units ``lo:hi`` of a concat start among the root's units, if the parts under
