@@ -430,3 +430,23 @@ def test_products_keep_the_rows_and_columns_of_their_factors() -> None:
     with pytest.raises(UnsupportedMorphError, match="multiplies along the widened axis .* no "
                        "weight after the product can take it out"):
         morphcli.widen(model, "q", by=2, input_shapes=[(1, 7, 4)])
+
+
+class _Unfold(nn.Module):
+    """MobileViT's unfolding into patches: the channels folded into the batch axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        b, c, hh, ww = h.shape
+        patches = h.reshape(b * c * 2, hh // 2, ww).transpose(1, 2)
+        return self.o(patches.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def test_units_folded_into_the_batch_axis_are_refused_by_name() -> None:
+    with pytest.raises(UnsupportedMorphError, match="folds the widened axis into the batch "
+                       "axis .* does not rewrite"):
+        morphcli.widen(_random(_Unfold()), "a", by=2, input_shapes=[(2, 3, 4, 4)])

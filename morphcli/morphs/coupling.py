@@ -49,6 +49,7 @@ from morphcli.morphs.coupling_sizes import (
     tiled,
     unbound,
     untiled,
+    why_not_regrouped,
     why_not_reshaped,
     widened_reads,
 )
@@ -273,6 +274,9 @@ class _Walker:
                 if node.op == "call_method" and node.target in ("reshape_as", "view_as"):
                     self.join(node.args[1], dim, group)  # the sizes are that tensor's
                 return
+            folded = why_not_regrouped(node, dim)
+            if folded is not None:
+                self.refuse(node, folded)
             split = split_from(node, dim)
             if split is not None:  # heads widened from their side (CaiT's talking heads)
                 src, axis, outer, inner = split

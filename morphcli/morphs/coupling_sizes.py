@@ -146,13 +146,39 @@ def merged_span(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
 
 
 def why_not_reshaped(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...]) -> str:
-    """Why ``reshaped_axis`` found no place for axis ``dim``."""
+    """Why ``reshaped_axis`` found no place for axis ``dim`` (and ``merged_span`` none)."""
+    if folds_into_batch(shape_in, dim, shape_out):
+        return _FOLDED
     before = math.prod(shape_in[:dim])
     if any(math.prod(shape_out[:p]) < before < math.prod(shape_out[:p + 1])
            for p in range(len(shape_out))):
-        return ("it merges the widened axis with the axes before it (as a channel shuffle "
-                "does), so the units' elements would interleave")
+        return ("it merges the widened axis with part of an axis before it, so the units' "
+                "elements would interleave with it")
     return "it regroups the widened axis into sizes that do not hold whole units"
+
+
+_FOLDED = ("it folds the widened axis into the batch axis together with positions (as "
+           "MobileViT's unfolding into patches), and that axis's size is computed from the "
+           "batch size at run time, which morphcli does not rewrite (it rewrites sizes that "
+           "hold the widened axis alone)")
+
+
+def folds_into_batch(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...]) -> bool:
+    """Whether the first axis of ``shape_out`` holds the batch, axis ``dim`` of ``shape_in``
+    and more besides (MobileViT's ``reshape(B * C * n_h, ...)``)."""
+    held = math.prod(shape_in[:dim + 1])
+    return dim >= 1 and bool(shape_out) and shape_out[0] > held and shape_out[0] % held == 0
+
+
+def why_not_regrouped(node: fx.Node, dim: int) -> str | None:
+    """Walking back to a reshape whose input holds output axis ``dim`` folded into its batch
+    axis: the reason (else None)."""
+    src = node.args[0] if node.args else None
+    shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
+    shape_out = tensor_shape(node)
+    if shape_in is None or shape_out is None:
+        return None
+    return _FOLDED if folds_into_batch(shape_out, dim, shape_in) else None
 
 
 def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
