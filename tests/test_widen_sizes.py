@@ -450,3 +450,30 @@ def test_units_folded_into_the_batch_axis_are_refused_by_name() -> None:
     with pytest.raises(UnsupportedMorphError, match="folds the widened axis into the batch "
                        "axis .* does not rewrite"):
         morphcli.widen(_random(_Unfold()), "a", by=2, input_shapes=[(2, 3, 4, 4)])
+
+
+class _HeadsMergedBack(nn.Module):
+    """EfficientFormerV2's values: split into heads, mixed along the positions, merged back
+    and added to their own depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        self.local = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.v(x)
+        b, c, hh, ww = v.shape
+        heads = v.reshape(b, 2, c // 2, hh * ww).permute(0, 1, 3, 2)  # (b, heads, n, d)
+        mixed = heads.softmax(dim=2) * heads
+        back = mixed.transpose(2, 3).reshape(b, c, hh, ww)
+        return self.o(back + self.local(v))
+
+
+def test_heads_merged_back_meet_their_source() -> None:
+    model = _random(_HeadsMergedBack())
+    wide, worst = _widen_exact(model, "v", (1, 3, 4, 4), by=8)
+    assert worst < 1e-6
+    assert wide.get_submodule("local").out_channels == 16
+    with pytest.raises(UnsupportedMorphError, match="whole heads"):
+        morphcli.widen(model, "v", by=3, input_shapes=[(1, 3, 4, 4)])

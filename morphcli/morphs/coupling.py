@@ -104,6 +104,10 @@ class _Walker:
         self.tiles: dict[int, Group] = {}
         self.shared: dict[str, dict[fx.Node, Any]] = {}  # shared layer -> its calls reached
         self.uniform_cats: list[tuple[fx.Node, fx.Node, str]] = []  # (norm, concat, refusal)
+        # Groups split from another into (outer, units, inner), and groups merged from such
+        # axes: id -> (that group, outer, inner). A merge undoing a split meets its source.
+        self.untiled: dict[int, tuple[Group, int, int]] = {}
+        self.retiled: dict[int, tuple[Group, int, int]] = {}
 
     # -- bookkeeping
 
@@ -141,7 +145,31 @@ class _Walker:
         # ranges of the root can grow alike.
         if coupling_split.tie(self.plan, keep, drop):
             return
+        if self.same_layout(keep, drop):
+            self.plan.same.append((keep, drop))
+            return
         self.refuse(where, "two differently laid out sets of units meet here")
+
+    def same_layout(self, a: Group, b: Group) -> bool:
+        """Whether two groups hold the same units by construction: split alike from one
+        group, merged alike from one, or split from one and merged back the same way
+        (EfficientFormerV2's values: heads x head_dim, multiplied by the attention, merged
+        back and added to their own depthwise conv)."""
+        return self.layout_of(a) == self.layout_of(b)
+
+    def layout_of(self, group: Group, depth: int = 0) -> Any:
+        """A key equal for groups that hold the same units (``same_layout``)."""
+        if depth > 100:
+            return id(group)
+        for step, back, kind in ((self.retiled, self.untiled, "tiled"),
+                                 (self.untiled, self.retiled, "untiled")):
+            made = step.get(id(group))
+            if made is not None:
+                undone = back.get(id(made[0]))
+                if undone is not None and undone[1:] == made[1:]:
+                    return self.layout_of(undone[0], depth + 1)
+                return (kind, self.layout_of(made[0], depth + 1), *made[1:])
+        return id(group)
 
     def choose(self, node: fx.Node, default: int, first: int, last: int,
                shape: tuple[int, ...]) -> int:
@@ -283,6 +311,7 @@ class _Walker:
                 tiles = Group(node)
                 self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
                 self.tiles[id(tiles)] = group
+                self.retiled[id(tiles)] = (group, outer, inner)
                 self.join(src, axis, tiles)
                 return
             merged = merged_into(node, dim)
@@ -295,6 +324,7 @@ class _Walker:
                 self.plan.derived[src] = lambda: untiled(self.plan.map_of(node), outer, inner,
                                                          f"node {node.name!r}")
                 self.tiles[id(part)] = group
+                self.untiled[id(part)] = (group, outer, inner)
                 self.join(src, axis, part)
                 return
         attention = _attention_output_of(self.gm, node)
@@ -566,6 +596,7 @@ class _Walker:
             plan.derived[user] = lambda: tiled(plan.map_of(node), outer, inner)
             self.follow(user, axis, Group(user))
             self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
+            self.retiled[id(plan.tensors[user][1])] = (plan.tensors[node][1], outer, inner)
 
     def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
         """A view/reshape that keeps the widened axis, merges it with the axes after it (as
@@ -611,6 +642,7 @@ class _Walker:
             plan.derived[user] = lambda: untiled(plan.map_of(node), outer, inner,
                                                  f"node {user.name!r}")
             self.follow(user, axis, Group(user))
+            self.untiled[id(plan.tensors[user][1])] = (group, outer, inner)
 
     def unbind(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
         """``x.unbind(d)`` along another axis: every piece carries the units."""
@@ -665,6 +697,7 @@ class _Walker:
             plan.derived[user] = lambda: plan.map_of(node).expand(block)
             self.follow(user, out_dim, Group(user))
             self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
+            self.retiled[id(plan.tensors[user][1])] = (plan.tensors[node][1], 1, block)
 
     # -- layers
 

@@ -68,6 +68,9 @@ class Coupling:
     # (start, start, length) ranges of the root's units that must grow alike.
     ties: list[tuple[Group, Group]] = field(default_factory=list)
     tied: list[tuple[int, int, int]] = field(default_factory=list)
+    # Groups that hold the same units by construction (a split into heads merged back):
+    # their maps must come out equal.
+    same: list[tuple[Group, Group]] = field(default_factory=list)
 
     def map_of(self, node: fx.Node) -> ChannelMap:
         cmap = self.tensors[node][1].cmap

@@ -457,7 +457,7 @@ def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int)
 
 def rewrite(plan: Coupling) -> list[Change]:
     """Split sizes and slice bounds of every cut of a widened tensor, to the new widths."""
-    for a, b in plan.ties:
+    for a, b in [*plan.ties, *plan.same]:
         if a.cmap is None or b.cmap is None or not a.cmap.same_as(b.cmap):
             raise UnsupportedMorphError("cannot widen: two pieces that must carry the same "
                                         "units would be laid out differently")
