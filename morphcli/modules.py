@@ -6,11 +6,13 @@ stored architecture description can rebuild it without pickled code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # Activation modules by the name users type after --to / --activation.
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
@@ -159,6 +161,25 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class Conv2dSame(nn.Conv2d):
+    """A Conv2d padded as TensorFlow's "SAME" does, from the input's size at run time (timm's
+    Conv2dSame, in its tf_ EfficientNets' strided convs): the output has ceil(size / stride)
+    positions, the odd padding element on the bottom and right."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any,
+                 stride: Any = 1, dilation: Any = 1, groups: int = 1, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups,
+                         bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for size, k, s, d in reversed(list(zip(x.shape[-2:], self.kernel_size, self.stride,
+                                                self.dilation, strict=True))):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
 
 
 def _stochastic_depth(m: Any) -> nn.Module:

@@ -127,6 +127,26 @@ def test_timm_batchnormact_and_linear_widen_and_store(tmp_path: Path) -> None:
     assert _max_diff(model, wide, (2, 3, 32, 32)) < 1e-5
 
 
+def test_timm_conv2d_same_widens_and_stores(tmp_path: Path) -> None:
+    """TF-ported EfficientNet-Lite: its strided depthwise convs are timm's Conv2dSame, which
+    pads for TensorFlow's "SAME" inside its forward (odd sizes: the extra row at the end)."""
+    torch.manual_seed(0)
+    model = _randomised(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    assert type(model.blocks[2][0].conv_dw).__name__ == "Conv2dSame"
+    src, out = tmp_path / "lite.pt", tmp_path / "wide.pt"
+    torch.save(model.state_dict(), src)
+    arch = ["--arch", "timm:create_model", "--arch-kwargs",
+            '{"model_name": "tf_efficientnet_lite0"}']
+    r = invoke("widen", src, "blocks.2.0.conv_pw", "--factor", "2", "--init", "copy",
+               "--input-shape", "1,3,33,33", *arch, "-o", out)
+    assert r.code == 0, r.stderr
+    wide = morphcli.load(out)
+    dw = wide.get_submodule("blocks.2.0.conv_dw")
+    assert type(dw) is morphcli.modules.Conv2dSame and dw.weight.shape[0] == 2 * 144
+    assert set(wide.state_dict()) == set(model.state_dict())  # timm's own keys
+    assert _max_diff(model, wide, (2, 3, 33, 33)) < 1e-5
+
+
 def test_timm_activations_map_to_equal_torch_ones() -> None:
     """Walk the contrib table: each timm activation and the torch.nn one named for it agree."""
     from timm.layers import activations

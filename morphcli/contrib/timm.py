@@ -3,7 +3,8 @@
 Imported by tracing when a model holds a layer from a ``timm`` module. Each timm layer below is
 replaced before tracing by an exact equivalent with the same parameter and buffer names (so the
 state_dict still loads into timm): its Linear by torch's, BatchNormAct2d by morphcli's
-BatchNormAct2d, one channelwise layer that widen follows and a description can store.
+BatchNormAct2d, one channelwise layer that widen follows and a description can store, and
+Conv2dSame by morphcli's, which pads the same way inside one layer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+from timm.layers import Conv2dSame as TimmConv2dSame
 from timm.layers import Linear as TimmLinear
 from torch import nn
 
@@ -34,6 +36,15 @@ _TIMM_ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 def plain_linear(m: TimmLinear) -> nn.Linear:
     """timm's Linear only casts weights when scripted: torch's Linear, same tensors."""
     new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    _share_tensors(m, new)
+    return new
+
+
+def conv2d_same(m: TimmConv2dSame) -> nn.Module:
+    """morphcli's Conv2dSame (the same padding at run time, a layer widen follows) for
+    timm's, which pads and calls the functional conv inside its forward."""
+    new = modules.Conv2dSame(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                             m.dilation, m.groups, m.bias is not None)
     _share_tensors(m, new)
     return new
 
@@ -70,6 +81,7 @@ def _share_tensors(old: nn.Module, new: nn.Module) -> None:
 
 register_substitute(TimmLinear, plain_linear)
 register_substitute(TimmBatchNormAct2d, batch_norm_act)
+register_substitute(TimmConv2dSame, conv2d_same)
 # Its parameters and running statistics follow a channel map as BatchNorm2d's do; the
 # activation after them acts per element, so the whole layer is channelwise.
 register_rule("channelwise", modules.BatchNormAct2d)(NormRule)
