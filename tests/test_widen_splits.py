@@ -374,7 +374,7 @@ timm = pytest.importorskip("timm")
     # split attention: a view into paths x channels (the channels carry the units), softmax
     # over the paths; ResNeSt's radix-grouped conv and its reshapes through a transpose
     ("skresnet18", ["layer1.0.conv1.attn.fc_select", "layer2.0.conv1.paths.0.conv"]),
-    ("resnest14d", ["layer1.0.conv2.conv"]),
+    ("resnest14d", ["layer1.0.conv2.conv", "layer1.0.conv2.fc2"]),
     # the residual stream chunked into heads, each head's values mixed by ``v @ attn``
     ("efficientvit_m0", ["stages.0.blocks.0.ffn1.m.pw2.conv"]),
     ("mambaout_femto", ["stages.0.blocks.0.fc1"]),  # GatedConcat in a real model

@@ -67,15 +67,16 @@ def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
     A reshape that splits the widened axis into several (paths x channels, heads x head_dim)
     does not say which of them carries the units: the walk takes the heads first and, if that
     is refused, walks again with the next axis (SKNet's and ResNeSt's paths x channels). The
-    refusal given is the first walk's."""
+    refusal given is that of the walk that reached the most tensors (the first of those)."""
     choices: dict[fx.Node, int] = {}
-    first: UnsupportedMorphError | None = None
+    furthest: tuple[int, UnsupportedMorphError] | None = None
     for _ in range(_MAX_WALKS):
         walker = _Walker(gm, target, choices)
         try:
             walker.run()
         except UnsupportedMorphError as e:
-            first = first or e
+            if furthest is None or len(walker.plan.tensors) > furthest[0]:
+                furthest = (len(walker.plan.tensors), e)
             retry = walker.next_choices()
             if retry is None:
                 break
@@ -83,8 +84,8 @@ def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
             continue
         coupling_split.finish(walker.plan)
         return walker.plan
-    assert first is not None
-    raise first
+    assert furthest is not None
+    raise furthest[1]
 
 
 class _Walker:
@@ -812,6 +813,9 @@ class _Walker:
         must add units inside each block, copying units of the same block."""
         if groups == 1:
             return
+        made = self.retiled.get(id(group))
+        if made is not None and made[1] % groups == 0:
+            return  # tiled alike in outer blocks that are whole groups (ResNeSt's radix)
         if group.source is not None:
             self.refuse(node, f"a grouped convolution (groups={groups}) reads units laid out by "
                         "a concatenation or flatten")
