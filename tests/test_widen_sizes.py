@@ -477,3 +477,42 @@ def test_heads_merged_back_meet_their_source() -> None:
     assert wide.get_submodule("local").out_channels == 16
     with pytest.raises(UnsupportedMorphError, match="whole heads"):
         morphcli.widen(model, "v", by=3, input_shapes=[(1, 3, 4, 4)])
+
+
+class _SplitQKV(nn.Module):
+    """One layer computes queries, keys and values, split apart (EfficientViT's qkv conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(4, 3 + 3 + 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([3, 3, 5], dim=-1)
+        return self.o((q @ k.transpose(1, 2)).softmax(-1) @ v)
+
+
+def test_pieces_a_product_sums_over_keep_their_width() -> None:
+    """The queries' and keys' features are summed over by q @ k: they keep their width and
+    the values take every new unit."""
+    model = _random(_SplitQKV())
+    wide, worst = _widen_exact(model, "qkv", (1, 7, 4), by=4)
+    assert worst < 1e-6
+    assert wide.get_submodule("o").in_features == 9
+    _, result = morphcli.widen(model, "qkv", by=4, input_shapes=[(1, 7, 4)])
+    assert [c.new for c in result.changes if c.note == "split sizes"] == ["[3, 3, 9]"]
+    assert sum("keep their width" in n for n in result.notes) == 2
+
+
+class _SplitQK(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk, self.o = nn.Linear(4, 6), nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.qk(x).chunk(2, dim=-1)
+        return self.o((q @ k.transpose(1, 2)).softmax(-1))
+
+
+def test_a_layer_whose_every_piece_a_product_sums_over_is_refused() -> None:
+    with pytest.raises(UnsupportedMorphError, match="every piece of them is summed over"):
+        morphcli.widen(_random(_SplitQK()), "qk", by=2, input_shapes=[(1, 7, 4)])

@@ -376,7 +376,8 @@ timm = pytest.importorskip("timm")
     ("skresnet18", ["layer1.0.conv1.attn.fc_select", "layer2.0.conv1.paths.0.conv"]),
     ("resnest14d", ["layer1.0.conv2.conv", "layer1.0.conv2.fc2"]),
     # the residual stream chunked into heads, each head's values mixed by ``v @ attn``
-    ("efficientvit_m0", ["stages.0.blocks.0.ffn1.m.pw2.conv"]),
+    ("efficientvit_m0", ["stages.0.blocks.0.ffn1.m.pw2.conv",
+                         "stages.0.blocks.0.mixer.m.attn.qkvs.0.conv"]),  # (_SplitQKV)
     ("mambaout_femto", ["stages.0.blocks.0.fc1"]),  # GatedConcat in a real model
     ("edgenext_xx_small", ["stages.1.blocks.1.pos_embd.token_projection"]),  # ChunksThenNorm
 ])

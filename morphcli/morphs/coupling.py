@@ -32,7 +32,7 @@ from morphcli.morphs.coupling_ops import (
     op_name,
     reduced_axes,
 )
-from morphcli.morphs.coupling_plan import Coupling, Group, Whole
+from morphcli.morphs.coupling_plan import PRODUCT_REFUSAL, Coupling, Group, Piece, Whole
 from morphcli.morphs.coupling_sizes import (
     indexed_axis,
     is_batched_product,
@@ -671,9 +671,11 @@ class _Walker:
                              for operand, axis in product_axes(user)):
             self.follow(user, out_rank + dim - rank, group)
             return
-        self.refuse(user, "it multiplies along the widened axis (a product of two "
-                    "activations, as a query and a key): each new unit would add its product "
-                    "to every sum, and no weight after the product can take it out")
+        if isinstance(group.layout, Piece):  # a piece summed over keeps its width
+            if all(g is not group for g, _ in self.plan.frozen):
+                self.plan.frozen.append((group, user))
+            return
+        self.refuse(user, PRODUCT_REFUSAL)
 
     def reshape_as(self, node: fx.Node, user: fx.Node, dim: int) -> None:
         """``x.reshape_as(other)``: the sizes follow ``other``, so the widened axis must be

@@ -11,6 +11,10 @@ import torch.fx as fx
 from morphcli.errors import UnsupportedMorphError
 from morphcli.rules.channel_map import ChannelMap
 
+PRODUCT_REFUSAL = ("it multiplies along the widened axis (a product of two activations, as a "
+                   "query and a key): each new unit would add its product to every sum, and "
+                   "no weight after the product can take it out")
+
 
 @dataclass
 class Group:
@@ -68,6 +72,11 @@ class Coupling:
     # (start, start, length) ranges of the root's units that must grow alike.
     ties: list[tuple[Group, Group]] = field(default_factory=list)
     tied: list[tuple[int, int, int]] = field(default_factory=list)
+    # Pieces of a split that a product sums over (EfficientViT's queries and keys): they keep
+    # their width, the other pieces take the new units. (group, product) and, once the walk
+    # is done, their ranges of the root's units.
+    frozen: list[tuple[Group, fx.Node]] = field(default_factory=list)
+    frozen_ranges: list[tuple[int, int]] = field(default_factory=list)
     # Groups that hold the same units by construction (a split into heads merged back):
     # their maps must come out equal.
     same: list[tuple[Group, Group]] = field(default_factory=list)

@@ -21,7 +21,7 @@ import torch.fx as fx
 from morphcli.errors import UnsupportedMorphError
 from morphcli.graph.edit import tensor_shape
 from morphcli.morphs.coupling_ops import arg
-from morphcli.morphs.coupling_plan import Coupling, Group, Piece, Whole
+from morphcli.morphs.coupling_plan import PRODUCT_REFUSAL, Coupling, Group, Piece, Whole
 from morphcli.morphs.result import Change
 from morphcli.morphs.split_ops import (
     Range,
@@ -325,6 +325,22 @@ def finish(plan: Coupling) -> None:
             seen.add(id(group))
             _translate(plan, layout.whole, layout.lo, cuts, 0)
             _translate(plan, layout.whole, layout.hi, cuts, 0)
+    for group, product in plan.frozen:  # (a Piece: see ``_Walker.batched_product``)
+        layout = group.layout
+        assert isinstance(layout, Piece)
+        start = _root_range(plan, layout.whole, layout.lo, layout.hi)
+        if start is None:
+            raise UnsupportedMorphError(f"cannot widen: the widened units reach node "
+                                        f"{product.name!r}, and {PRODUCT_REFUSAL}")
+        plan.frozen_ranges.append((start, start + layout.hi - layout.lo))
+        cuts |= {start, start + layout.hi - layout.lo}
+    if plan.frozen:
+        root = next(n for n, (_, g) in plan.tensors.items() if g.source is None)
+        kept = set().union(*(range(a, b) for a, b in plan.frozen_ranges))
+        if len(kept) >= width_of(root, plan.tensors[root][0]):
+            raise UnsupportedMorphError(
+                f"cannot widen: the widened units reach node {plan.frozen[0][1].name!r}, and "
+                f"{PRODUCT_REFUSAL} (every piece of them is summed over by a product)")
     tied = [_tied_ranges(plan, a, b) for a, b in plan.ties]
     plan.tied = [t for t in tied if t[0] != t[1]]  # (the same range: alike already)
     while True:  # each range of a tie is cut as the other is (ends: within the root's units)
@@ -461,6 +477,10 @@ def rewrite(plan: Coupling) -> list[Change]:
         if a.cmap is None or b.cmap is None or not a.cmap.same_as(b.cmap):
             raise UnsupportedMorphError("cannot widen: two pieces that must carry the same "
                                         "units would be laid out differently")
+    for group, product in plan.frozen:
+        if group.cmap is None or group.cmap.width != group.cmap.old_width:
+            raise UnsupportedMorphError(f"cannot widen: the widened units reach node "
+                                        f"{product.name!r}, and {PRODUCT_REFUSAL}")
     changes = []
     for op in plan.cuts:
         whole = op.args[0]

@@ -24,6 +24,9 @@ def root_map(plan: Coupling, old: int, width: int, blocks: int, uniform: bool,
         raise UnsupportedMorphError("cannot widen: pieces that must carry the same units meet "
                                     "a grouped convolution")
     classes = _tie_classes(edges, plan.tied)
+    frozen = [any(lo <= a < hi for lo, hi in plan.frozen_ranges) for a in edges[:-1]]
+    if any(frozen):
+        return _around_frozen(sizes, frozen, width, blocks, uniform or bool(plan.tied), gen)
     if uniform:
         grown = [s * (width // old) for s in sizes]
     elif plan.tied:
@@ -46,6 +49,21 @@ def root_map(plan: Coupling, old: int, width: int, blocks: int, uniform: bool,
             src[b:b + n] = cmap.src[a:a + n] - starts_old[first] + starts_old[i]
             new[b:b + n] = cmap.new[a:a + n]
     return ChannelMap(src, new, old)
+
+
+def _around_frozen(sizes: list[int], frozen: list[bool], width: int, blocks: int,
+                   constrained: bool, gen: torch.Generator) -> ChannelMap:
+    """Segments a product sums over keep their size; the others share the new units."""
+    free = [s for s, f in zip(sizes, frozen, strict=True) if not f]
+    if not free or constrained or blocks > 1:
+        why = ("every piece of them is summed over by a product" if not free else
+               "the pieces that can grow must also grow alike or in groups")
+        raise UnsupportedMorphError(f"cannot widen: pieces of the units reach a product that "
+                                    f"sums over them (as a query and a key), so they keep "
+                                    f"their width, and {why}")
+    shares = iter(_shares(free, width - sum(s for s, f in zip(sizes, frozen, strict=True) if f)))
+    grown = [s if f else next(shares) for s, f in zip(sizes, frozen, strict=True)]
+    return ChannelMap.grow_segments(sizes, grown, gen)
 
 
 def _tie_classes(edges: list[int], tied: list[tuple[int, int, int]]) -> list[int]:

@@ -196,6 +196,9 @@ def _widen_units(gm: fx.GraphModule, target: fx.Node, opts: WidenOptions,
         root = ChannelMap.grow(old, width, gen)
     if plan.segments:  # pieces of a split take ranges of the units: each range grows apart
         root = split_growth.root_map(plan, old, width, blocks, group.uniform is not None, gen)
+    for (lo, hi), (_, product) in zip(plan.frozen_ranges, plan.frozen, strict=True):
+        result.notes.append(f"units {lo}:{hi} keep their width: product {product.name!r} sums "
+                            "over them (as over a query's and a key's features)")
     if blocks > 1:
         result.notes.append(f"new units are added inside each of the {blocks} channel groups")
     assign_maps(plan, target, root)
