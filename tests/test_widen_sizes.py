@@ -516,3 +516,21 @@ class _SplitQK(nn.Module):
 def test_a_layer_whose_every_piece_a_product_sums_over_is_refused() -> None:
     with pytest.raises(UnsupportedMorphError, match="every piece of them is summed over"):
         morphcli.widen(_random(_SplitQK()), "qk", by=2, input_shapes=[(1, 7, 4)])
+
+
+class _Pads(nn.Module):
+    def __init__(self, channels: bool) -> None:
+        super().__init__()
+        self.channels = channels
+        self.a, self.o = nn.Conv2d(3, 4, 1), nn.Conv2d(4 + 2 * channels, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = (1, 1, 1, 1, 1, 1) if self.channels else (1, 1, 0, 2)
+        return self.o(F.pad(self.a(x), pads))
+
+
+def test_pads_along_the_positions_keep_the_units_and_along_them_are_refused() -> None:
+    wide, worst = _widen_exact(_random(_Pads(channels=False)), "a", (1, 3, 5, 5), by=3)
+    assert worst < 1e-6 and wide.get_submodule("o").in_channels == 7
+    with pytest.raises(UnsupportedMorphError, match="it pads the widened axis"):
+        morphcli.widen(_random(_Pads(channels=True)), "a", by=3, input_shapes=[(1, 3, 5, 5)])

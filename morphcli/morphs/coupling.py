@@ -271,9 +271,11 @@ class _Walker:
                     self.join(operand, len(shape) + axis, group)
                     return
             self.refuse(node, "its output axis is not one a factor carries")
-        if node.op == "call_function" and node.target in SPATIAL_FUNCS and dim == 1 and \
-                isinstance(node.args[0], fx.Node):  # pooled or resized along the positions
-            self.join(node.args[0], dim, group)
+        if node.op == "call_function" and isinstance(node.args[0], fx.Node) and (
+                (node.target in SPATIAL_FUNCS and node.target is not F.pad and dim == 1) or
+                (node.target is F.pad and pads_other_axes(node, dim,
+                                                          len(tensor_shape(node) or ())))):
+            self.join(node.args[0], dim, group)  # pooled, resized or padded along positions
             return
         piece = unbound(node)
         if piece is not None:
@@ -463,8 +465,10 @@ class _Walker:
         if is_batched_product(user):
             self.batched_product(node, user, dim, rank)
             return
-        if user.op == "call_function" and target is F.pad and user.args[0] is node and \
-                pads_other_axes(user, dim, rank):
+        if user.op == "call_function" and target is F.pad and user.args[0] is node:
+            if not pads_other_axes(user, dim, rank):
+                self.refuse(user, "it pads the widened axis, which would add units no layer "
+                            "computes")
             self.follow(user, dim, self.plan.tensors[node][1])
             return
         if user.op == "call_function" and target in SPATIAL_FUNCS:
