@@ -11,6 +11,7 @@ shown identical that way, are run the way their users will run them (our loader,
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import io
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -31,7 +33,7 @@ from morphcli.graph import dtypes
 from morphcli.graph.inputs import INPUTS_META
 from morphcli.io.api import STDIO, open_runner, to_graph_module
 from morphcli.io.atomic import atomic_path, check_output_path, os_reason
-from morphcli.io.checkpoint import Checkpoint, torch_runner
+from morphcli.io.checkpoint import Checkpoint, float64_runner, outputs_in_float64, torch_runner
 from morphcli.io.formats import FORMATS, Format, output_format
 
 # Verification: a batch size other than the export's (2) proves the batch stays dynamic.
@@ -176,9 +178,40 @@ def _run_check(gm: fx.GraphModule, runner: Any, suffix: str) -> CheckReport:
                      batch_size=VERIFY_BATCH, seed=0, atol=VERIFY_ATOL, rtol=rtol)
     report.dtype = dtypes.name(dtypes.model_dtype(gm))
     if not report.equivalent:
-        raise NotEquivalentError(f"the written {suffix} file does not reproduce the model "
-                                 f"({report.summary()}); nothing was written")
+        within = _within_own_round_off(gm, runner, specs, rtol, report)
+        if within is None:
+            raise NotEquivalentError(f"the written {suffix} file does not reproduce the model "
+                                     f"({report.summary()}); nothing was written")
+        return within
     return report
+
+
+def _within_own_round_off(gm: fx.GraphModule, runner: Any, specs: Any, rtol: float,
+                          failed: CheckReport) -> CheckReport | None:
+    """A runtime that rounds in another order than torch, on a model that amplifies round-off
+    (MixNet's squeeze-excite sigmoids fed thousands at input scale 1e3), differs from torch
+    by more than the tolerance. The file still reproduces the model if its outputs are no
+    further from the model's float64 run than the model's own run is: the tolerance of each
+    batch grows by max|model - model64|. None if not, or if the model cannot run in float64."""
+    if dtypes.model_dtype(gm) == torch.float64:
+        return None
+    wide = outputs_in_float64(runner)
+    try:
+        report = compare(float64_runner(copy.deepcopy(gm).double()), wide, specs,
+                         samples=VERIFY_SAMPLES, batch_size=VERIFY_BATCH, seed=0,
+                         atol=VERIFY_ATOL, rtol=rtol, references=(torch_runner(gm), wide))
+    except Exception:  # a layer without float64 kernels: the first verdict stands
+        return None
+    if not report.equivalent:
+        return None
+    dtype = dtypes.name(dtypes.model_dtype(gm))
+    failed.equivalent, failed.reason = True, None
+    failed.notes.append(
+        f"the file differs from the model beyond the tolerance alone, but it is no further "
+        f"from the model's float64 run (max abs {report.max_abs:.3g}) than the model's own "
+        f"{dtype} run is ({max(d.round_off for d in report.outputs):.3g}): the model "
+        "amplifies round-off")
+    return failed
 
 
 def _result(output: str, fmt: Format, report: CheckReport | str | None) -> dict[str, Any]:

@@ -62,6 +62,21 @@ def torch_runner(module: nn.Module) -> Runner:
     return run
 
 
+def float64_runner(module: nn.Module) -> Runner:
+    """A Runner for ``module`` already cast to float64: floating inputs are cast too."""
+    run = torch_runner(module)
+    return lambda inputs: run([t.double() if t.is_floating_point() else t for t in inputs])
+
+
+def outputs_in_float64(run: Runner) -> Runner:
+    """``run`` with its floating output tensors cast to float64 (to compare with a float64
+    run of the same model)."""
+    from torch.utils._pytree import tree_map
+
+    return lambda inputs: tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and
+                                   t.is_floating_point() else t, run(inputs))
+
+
 def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
     """Tensors of a model's output, in the order torch's exporters (pytree) flatten it, which
     is the order of a .onnx file's outputs: sequences in order, dicts in insertion order.

@@ -25,7 +25,7 @@ from morphcli.equivalence.sizing import reduced
 from morphcli.errors import InputError
 from morphcli.graph import budget, carried, dtypes
 from morphcli.graph.inputs import INPUTS_META, InputSpec
-from morphcli.io.checkpoint import Runner, torch_runner
+from morphcli.io.checkpoint import Runner, float64_runner, torch_runner
 from morphcli.morphs import limits
 from morphcli.morphs.result import MorphResult
 
@@ -124,7 +124,7 @@ def check_in_float64(gm: fx.GraphModule, new: fx.GraphModule, check: CheckOption
                          batch_size=check.batch_size, scale=2)
         wide_gm = copy.deepcopy(gm).double()
         wide_new = remorph(wide_gm) if remorph else copy.deepcopy(new).double()
-        a, b = _in_float64(wide_gm), _in_float64(wide_new)
+        a, b = float64_runner(wide_gm), float64_runner(wide_new)
         wide = compare(a, b, small or specs, samples=check.samples,
                        batch_size=check.batch_size, seed=check.seed, atol=check.atol,
                        rtol=check.rtol)
@@ -158,11 +158,6 @@ def _check_inputs(gm: fx.GraphModule, new: fx.GraphModule,
     if not specs:
         raise InputError("the model has no input shape to check with; pass --input-shape")
     return specs, None if check.full_size else reduced((gm, new), specs)
-
-
-def _in_float64(module: nn.Module) -> Runner:
-    run = torch_runner(module)
-    return lambda inputs: run([t.double() if t.is_floating_point() else t for t in inputs])
 
 
 def as_graph_module(model: nn.Module | str | Path,
