@@ -272,6 +272,28 @@ def test_a_channel_shuffle_before_a_dense_layer_is_followed_exactly() -> None:
         morphcli.widen(model, "a", by=2, input_shapes=[(1, 3, 4, 4)])
 
 
+class _ShuffleThenChunk(nn.Module):
+    """ShuffleNet v2: the shuffled channels are chunked in two, each half read by a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.p, self.q = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        b, c, hh, ww = h.shape
+        h = h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+        u, v = h.chunk(2, dim=1)
+        return self.p(u) + self.q(v)
+
+
+def test_a_split_of_shuffled_channels_is_refused_with_the_reason() -> None:
+    """No half of the shuffled channels is one range of the widened layer's units."""
+    with pytest.raises(UnsupportedMorphError, match="a split cuts the units that 'reshape' "
+                       "interleaves"):
+        morphcli.widen(_random(_ShuffleThenChunk()), "a", by=8, input_shapes=[(1, 3, 4, 4)])
+
+
 # ---------------------------------------------------------------- heads
 
 

@@ -602,6 +602,8 @@ class _Walker:
             self.follow(user, axis, Group(user))
             self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
             self.retiled[id(plan.tensors[user][1])] = (plan.tensors[node][1], outer, inner)
+            if outer > 1:
+                plan.interleaved.add(user)
 
     def reshape(self, node: fx.Node, user: fx.Node, dim: int, rank: int) -> None:
         """A view/reshape that keeps the widened axis, merges it with the axes after it (as

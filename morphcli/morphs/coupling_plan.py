@@ -77,6 +77,9 @@ class Coupling:
     # is done, their ranges of the root's units.
     frozen: list[tuple[Group, fx.Node]] = field(default_factory=list)
     frozen_ranges: list[tuple[int, int]] = field(default_factory=list)
+    # Tensors whose units interleave another's (outer x units x inner, outer > 1: a channel
+    # shuffle, Swin's patch merging): no range of them is one range of their input's units.
+    interleaved: set[fx.Node] = field(default_factory=set)
     # Groups that hold the same units by construction (a split into heads merged back):
     # their maps must come out equal.
     same: list[tuple[Group, Group]] = field(default_factory=list)

@@ -454,10 +454,20 @@ def _translate(plan: Coupling, node: fx.Node, p: int, out: set[int], depth: int)
             if start < p < end and part in plan.tensors:
                 _translate(plan, part, p - start, out, depth + 1)
             start = end
+    elif source in plan.interleaved:
+        raise UnsupportedMorphError(
+            f"cannot widen: a split cuts the units that {source.name!r} interleaves (as a "
+            "channel shuffle does), and no range of them is one range of the widened units")
     elif is_flatten(source) and isinstance(source.args[0], fx.Node) and \
             source.args[0] in plan.tensors:
         inp = source.args[0]
-        block = width_of(source, plan.tensors[source][0]) // width_of(inp, plan.tensors[inp][0])
+        wide = width_of(source, plan.tensors[source][0])
+        narrow = width_of(inp, plan.tensors[inp][0])
+        if wide < narrow or wide % narrow:  # a split of the units into heads
+            raise UnsupportedMorphError(
+                f"cannot widen: a split cuts the units that {source.name!r} splits into heads, "
+                "and no range of them is one range of the widened units")
+        block = wide // narrow
         if p % block:
             raise UnsupportedMorphError(
                 f"cannot widen: a split cuts through the features that {source.name!r} "
