@@ -556,3 +556,21 @@ def test_pads_along_the_positions_keep_the_units_and_along_them_are_refused() ->
     assert worst < 1e-6 and wide.get_submodule("o").in_channels == 7
     with pytest.raises(UnsupportedMorphError, match="it pads the widened axis"):
         morphcli.widen(_random(_Pads(channels=True)), "a", by=3, input_shapes=[(1, 3, 5, 5)])
+
+
+class _ConcatShuffle(nn.Module):
+    """ShuffleNet v2's unit end: ``cat([x1, branch(x2)])``, then the channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.q, self.o = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.p(x), self.q(x)], dim=1)
+        b, c, hh, ww = h.shape
+        return self.o(h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww))
+
+
+def test_a_concat_shuffled_as_heads_needs_every_part_widened() -> None:
+    with pytest.raises(UnsupportedMorphError, match="whose part 'q' keeps its width"):
+        morphcli.widen(_random(_ConcatShuffle()), "p", by=4, input_shapes=[(1, 3, 4, 4)])

@@ -105,6 +105,7 @@ class _Walker:
         self.tiles: dict[int, Group] = {}
         self.shared: dict[str, dict[fx.Node, Any]] = {}  # shared layer -> its calls reached
         self.uniform_cats: list[tuple[fx.Node, fx.Node, str]] = []  # (norm, concat, refusal)
+        self.split_cats: list[tuple[fx.Node, fx.Node]] = []  # (reshape, concat it splits)
         # Groups split from another into (outer, units, inner), and groups merged from such
         # axes: id -> (that group, outer, inner). A merge undoing a split meets its source.
         self.untiled: dict[int, tuple[Group, int, int]] = {}
@@ -219,6 +220,7 @@ class _Walker:
                 self.forward(node, user)
         self.shared_layers()
         self.uniform_concats()
+        self.split_concats()
 
     def backward(self, node: fx.Node) -> None:
         """How ``node`` is produced decides what else must carry its units."""
@@ -644,6 +646,8 @@ class _Walker:
             if group.heads is not None and group.heads[:2] != (outer, inner):
                 self.refuse(user, "the units are split into heads in two different ways")
             group.heads = group.heads or (outer, inner, user)
+        elif is_cat(group.source) and group.layout is None:
+            self.split_cats.append((user, group.source))
         plan = self.plan
         if user not in plan.derived:
             plan.derived[user] = lambda: untiled(plan.map_of(node), outer, inner,
@@ -801,6 +805,16 @@ class _Walker:
         if root.source is not None:
             self.refuse(node, why)
         root.uniform = root.uniform or node
+
+    def split_concats(self) -> None:
+        """A concat split into heads (ShuffleNet's channel shuffle of ``cat([x1, branch])``)
+        comes as whole heads only if every part widens."""
+        for reshape, cat in self.split_cats:
+            kept = [p for p in arg(cat, 0, "tensors", []) if p not in self.plan.tensors]
+            if kept:
+                self.refuse(reshape, f"it splits into heads the units of concat {cat.name!r}, "
+                            f"whose part {getattr(kept[0], 'name', kept[0])!r} keeps its "
+                            "width, so the units do not come as whole heads")
 
     def uniform_concats(self) -> None:
         """A tensor a norm needs uniform, assembled from pieces, holds only ranges of the
