@@ -181,16 +181,25 @@ def why_not_regrouped(node: fx.Node, dim: int) -> str | None:
     return _FOLDED if folds_into_batch(shape_out, dim, shape_in) else None
 
 
-def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
-    """For a view/reshape whose output axis ``dim`` is one of the axes an input axis is split
-    into (outer x units x inner: qkv's heads, or SKNet's paths x channels, units last): that
-    input, its axis, outer and inner; else None."""
-    src = node.args[0]
+def _view_shapes(node: fx.Node) -> tuple[fx.Node, tuple[int, ...], tuple[int, ...]] | None:
+    """A view/reshape's input and both shapes, if known."""
+    src = node.args[0] if node.args else None
     shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
     shape_out = tensor_shape(node)
     if not isinstance(src, fx.Node) or shape_in is None or shape_out is None or \
             node.target not in ("view", "reshape"):
         return None
+    return src, tuple(shape_in), tuple(shape_out)
+
+
+def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
+    """For a view/reshape whose output axis ``dim`` is one of the axes an input axis is split
+    into (outer x units x inner: qkv's heads, or SKNet's paths x channels, units last): that
+    input, its axis, outer and inner; else None."""
+    shapes = _view_shapes(node)
+    if shapes is None:
+        return None
+    src, shape_in, shape_out = shapes
     for d in range(len(shape_in)):
         to = reshaped_axis(shape_in, shape_out, d)
         if to is not None and to.kind == "split" and to.first <= dim <= to.last:
@@ -204,12 +213,10 @@ def merged_into(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None
     (ResNeSt's radix x channels): that input, first, last and the axis the heads convention
     picks (``reshaped_axis``); else None. (A flatten's merged axis is a patch embedding's
     tokens, refused by name.)"""
-    src = node.args[0]
-    shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
-    shape_out = tensor_shape(node)
-    if not isinstance(src, fx.Node) or shape_in is None or shape_out is None or \
-            node.target not in ("view", "reshape"):
+    shapes = _view_shapes(node)
+    if shapes is None:
         return None
+    src, shape_in, shape_out = shapes
     back = reshaped_axis(shape_out, shape_in, dim)
     if back is None or back.kind != "split":
         return None
