@@ -60,7 +60,7 @@ def compare(
     atol: float,
     rtol: float,
     progress: Progress | None = None,
-    references: tuple[Runner, Runner] | None = None,
+    references: tuple[Runner | None, Runner | None] | None = None,
 ) -> CheckReport:
     """Worst case over all outputs and batches; a difference in the output structure, in a
     plain value, dtype or shape, or NaN/Inf is never equivalent.
@@ -69,7 +69,7 @@ def compare(
     runs both models in float64: each batch's tolerance then grows by both models' own float32
     round-off there, max|a - a64| + max|b - b64|, which bounds |a - b| whenever a64 = b64
     (the triangle inequality), so a difference a model's conditioning amplifies from round-off
-    is told apart from one the morph made."""
+    is told apart from one the morph made. A None reference credits that side nothing."""
     if samples < 1 or batch_size < 1:
         raise InputError("--samples and --batch-size must be at least 1")
     worst: dict[int, OutputDiff] = {}
@@ -264,20 +264,22 @@ def _flat_notes(a: Any, b: Any) -> list[str]:
 # ---------------------------------------------------------------- values
 
 
-def _round_off(out_a: Any, out_b: Any, references: tuple[Runner, Runner],
+def _round_off(out_a: Any, out_b: Any, references: tuple[Runner | None, Runner | None],
                inputs: tuple[torch.Tensor, ...]) -> list[float] | None:
     """Per tensor of the output, max|a - a64| + max|b - b64| (None: a float64 run gives
     another structure or shape, so no round-off is credited)."""
     own = []
     for out, run, which in zip((out_a, out_b), references, ("first", "second"), strict=True):
+        if run is None:
+            continue
         leaves, why = _pair(out, _run(run, inputs, which))
         if why is not None or any(x.a.shape != x.b.shape for x in leaves):
             return None
         own.append([float((x.a.double() - x.b.double()).abs().max())
                     if x.a.numel() and x.a.is_floating_point() else 0.0 for x in leaves])
-    if len(own[0]) != len(own[1]):
+    if any(len(o) != len(own[0]) for o in own):
         return None
-    return [ea + eb for ea, eb in zip(*own, strict=True)]
+    return [sum(errors) for errors in zip(*own, strict=True)]
 
 
 def _diff(leaf: _Leaf, input_scale: float, round_off: float = 0.0) -> OutputDiff:
