@@ -334,3 +334,36 @@ def test_mobilevit_traces_at_its_input_shape(tmp_path: Path) -> None:
     wide, result = morphcli.widen(gm, "stages.0.0.conv1_1x1.conv", factor=2)
     assert result.check.equivalent and result.exact
     assert_same_function(model, wide, [(2, 3, 64, 64)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["stages.3.1.conv_1x1", "stages.3.1.transformer.1.attn.proj"])
+def test_mobilevit_widens_through_its_patch_unfolding(tmp_path: Path, layer: str) -> None:
+    """MobileViT folds the channels into the batch axis to cut patches
+    (``reshape(B * C * n_h, ...)``, a size computed from the batch size): widening its
+    transformer's stream from either side stays exact at batch sizes other than the traced
+    one, against timm's model, and after a save and reload."""
+    torch.manual_seed(0)
+    model = _randomised(timm.create_model("mobilevit_xxs", pretrained=False))
+    gm = morphcli.load(model, input_shapes=[(1, 3, 64, 64)])
+    wide, result = morphcli.widen(gm, layer, factor=2, init="copy")
+    assert result.check.equivalent and result.exact
+    assert wide.get_submodule("stages.3.1.transformer.0.attn.qkv").in_features == 160
+    assert any("computed at run time" in c.note for c in result.changes)
+    assert_same_function(model, wide, [(3, 3, 64, 64)], rtol=1e-5)
+    morphcli.save(wide, tmp_path / "wide.pt")
+    assert_same_function(model, morphcli.load(tmp_path / "wide.pt"), [(5, 3, 64, 64)], rtol=1e-5)
+
+
+def test_pvt_v2_single_head_query_grows_a_head() -> None:
+    """PVT-v2's first stage has one head: ``reshape(B, N, 1, -1)`` is read as heads once
+    keeping the features whole is refused (attention sums over them), so the query grows a
+    second head that shares the one key and value head (broadcast), exactly."""
+    torch.manual_seed(0)
+    model = _randomised(timm.create_model("pvt_v2_b0", pretrained=False))
+    gm = morphcli.load(model, input_shapes=[(1, 3, 64, 64)])
+    wide, result = morphcli.widen(gm, "stages.0.blocks.0.attn.q", factor=2)
+    assert result.check.equivalent and result.exact
+    assert any("1 -> 2 heads" in note for note in result.notes)
+    attn = wide.get_submodule("stages.0.blocks.0.attn")
+    assert (attn.q.out_features, attn.kv.out_features, attn.proj.in_features) == (64, 64, 64)
+    assert_same_function(model, wide, [(3, 3, 64, 64)], rtol=1e-5)

@@ -455,23 +455,52 @@ def test_products_keep_the_rows_and_columns_of_their_factors() -> None:
 
 
 class _Unfold(nn.Module):
-    """MobileViT's unfolding into patches: the channels folded into the batch axis."""
+    """MobileViT's unfolding into patches: the channels folded into the batch axis between the
+    batch and the patch rows (a size computed from the batch size at run time), mixed as
+    tokens by a LayerNorm and a Linear, then folded back."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.o = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.norm, self.mix = nn.LayerNorm(4), nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)
         b, c, hh, ww = h.shape
-        patches = h.reshape(b * c * 2, hh // 2, ww).transpose(1, 2)
-        return self.o(patches.transpose(1, 2).reshape(b, c, hh, ww))
+        rows = h.reshape(b * c * 2, hh // 2, ww).transpose(1, 2)  # (b*c*2, ww, hh/2)
+        tokens = rows.reshape(b, c, -1).transpose(1, 2)  # (b, positions, c)
+        tokens = tokens + self.mix(self.norm(tokens))
+        back = tokens.transpose(1, 2).reshape(b * c * 2, ww, hh // 2).transpose(1, 2)
+        return self.o(back.reshape(b, c, hh, ww))
 
 
-def test_units_folded_into_the_batch_axis_are_refused_by_name() -> None:
-    with pytest.raises(UnsupportedMorphError, match="folds the widened axis into the batch "
-                       "axis .* does not rewrite"):
-        morphcli.widen(_random(_Unfold()), "a", by=2, input_shapes=[(2, 3, 4, 4)])
+@pytest.mark.parametrize("layer", ["a", "mix"])
+def test_units_folded_into_the_batch_axis_widen_at_any_batch_size(layer: str) -> None:
+    """Traced at batch 1, checked at batch 2: the folded size ``b * c * 2`` is scaled at run
+    time, not fixed at the traced batch; widening the token mixer walks back through the
+    fold."""
+    model = _random(_Unfold())
+    wide, worst = _widen_exact(model, layer, (1, 3, 4, 6), by=4)
+    assert worst < 1e-6
+    assert wide.get_submodule("o").in_channels == 8
+    assert wide.get_submodule("norm").weight.numel() == 8
+    same = assert_same_function(model, wide, [(5, 3, 4, 6)])
+    assert same.max_rel < 1e-6
+
+
+class _CutUnits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 6), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.a(x).reshape(x.shape[0], 3, 4))  # (b, 2, 6) -> (b, 3, 4)
+
+
+def test_a_reshape_cutting_the_units_apart_is_refused_with_the_reason() -> None:
+    with pytest.raises(UnsupportedMorphError, match="it cuts the widened units apart: no "
+                       "axis of its output holds them whole"):
+        morphcli.widen(_random(_CutUnits()), "a", by=2, input_shapes=[(1, 2, 3)])
 
 
 class _HeadsMergedBack(nn.Module):

@@ -34,12 +34,13 @@ from morphcli.morphs.coupling_ops import (
 )
 from morphcli.morphs.coupling_plan import PRODUCT_REFUSAL, Coupling, Group, Piece, Whole
 from morphcli.morphs.coupling_sizes import (
+    CUT_UNITS,
+    folded_axis,
     indexed_axis,
     is_batched_product,
     is_regrouping,
     kept_axis,
     merged_into,
-    merged_span,
     pads_other_axes,
     product_axes,
     repeated_axis,
@@ -49,8 +50,6 @@ from morphcli.morphs.coupling_sizes import (
     tiled,
     unbound,
     untiled,
-    why_not_regrouped,
-    why_not_reshaped,
     widened_reads,
 )
 from morphcli.morphs.split_ops import is_cat
@@ -66,17 +65,22 @@ def analyse(gm: fx.GraphModule, target: fx.Node) -> Coupling:
 
     A reshape that splits the widened axis into several (paths x channels, heads x head_dim)
     does not say which of them carries the units: the walk takes the heads first and, if that
-    is refused, walks again with the next axis (SKNet's and ResNeSt's paths x channels). The
-    refusal given is that of the walk that reached the most tensors (the first of those)."""
+    is refused, walks again with the next axis (SKNet's and ResNeSt's paths x channels). So
+    does a reshape that puts a size-1 axis before the units: kept as they are, or read as one
+    head (PVT-v2's single-head queries). The refusal given is that of the walk that reached
+    the most tensors (the first of those), walks that guessed no single head first."""
     choices: dict[fx.Node, int] = {}
-    furthest: tuple[int, UnsupportedMorphError] | None = None
+    furthest: tuple[tuple[bool, int], UnsupportedMorphError] | None = None
     for _ in range(_MAX_WALKS):
         walker = _Walker(gm, target, choices)
         try:
             walker.run()
         except UnsupportedMorphError as e:
-            if furthest is None or len(walker.plan.tensors) > furthest[0]:
-                furthest = (len(walker.plan.tensors), e)
+            # (a walk that read a size-1 axis as a single head is a guess: its refusal is
+            # given only if every other walk was refused sooner)
+            reach = (not walker.guessed, len(walker.plan.tensors))
+            if furthest is None or reach > furthest[0]:
+                furthest = (reach, e)
             retry = walker.next_choices()
             if retry is None:
                 break
@@ -96,13 +100,11 @@ class _Walker:
         # Splits of the widened axis met, in order: reshape -> (axis chosen, axes it may be).
         self.choices = dict(choices or {})
         self.splits: list[tuple[fx.Node, int, list[int]]] = []
+        self.guessed = False  # a size-1 axis taken as a single head
         self.plan = Coupling()
         self.queue: list[fx.Node] = []
         self.sites = _call_sites(gm)
         self.forwarded: set[fx.Node] = set()
-        # Groups whose map repeats another group's (flattened with the axes around the
-        # units): id -> that group.
-        self.tiles: dict[int, Group] = {}
         self.shared: dict[str, dict[fx.Node, Any]] = {}  # shared layer -> its calls reached
         self.uniform_cats: list[tuple[fx.Node, fx.Node, str]] = []  # (norm, concat, refusal)
         self.split_cats: list[tuple[fx.Node, fx.Node]] = []  # (reshape, concat it splits)
@@ -179,7 +181,11 @@ class _Walker:
         into it) carries the units: ``default`` (the heads) unless a later walk chose
         another (see ``analyse``). Other axes of size 1 hold no units (one head can become
         several; one of ResNeSt's cardinality groups stays one)."""
-        axes = [default, *(a for a in range(first, last + 1) if a != default and shape[a] > 1)]
+        return self.choose_among(node, [default, *(a for a in range(first, last + 1)
+                                                   if a != default and shape[a] > 1)])
+
+    def choose_among(self, node: fx.Node, axes: list[int]) -> int:
+        """``axes[0]`` unless a later walk chose another of ``axes`` (see ``analyse``)."""
         if all(n is not node for n, _, _ in self.splits):
             self.splits.append((node, self.choices.get(node, axes[0]), axes))
         return self.choices.get(node, axes[0])
@@ -307,30 +313,19 @@ class _Walker:
                 if node.op == "call_method" and node.target in ("reshape_as", "view_as"):
                     self.join(node.args[1], dim, group)  # the sizes are that tensor's
                 return
-            folded = why_not_regrouped(node, dim)
-            if folded is not None:
-                self.refuse(node, folded)
             split = split_from(node, dim)
             if split is not None:  # heads widened from their side (CaiT's talking heads)
-                src, axis, outer, inner = split
-                tiles = Group(node)
-                self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
-                self.tiles[id(tiles)] = group
-                self.retiled[id(tiles)] = (group, outer, inner)
-                self.join(src, axis, tiles)
+                self.tile_back(node, *split, group)
                 return
             merged = merged_into(node, dim)
             if merged is not None:  # the units are one of the input axes merged into ``dim``
                 src, first, last, default = merged
                 shape = tensor_shape(src) or ()
                 axis = self.choose(node, default, first, last, shape)
-                outer, inner = math.prod(shape[first:axis]), math.prod(shape[axis + 1:last + 1])
-                part = Group(node)
-                self.plan.derived[src] = lambda: untiled(self.plan.map_of(node), outer, inner,
-                                                         f"node {node.name!r}")
-                self.tiles[id(part)] = group
-                self.untiled[id(part)] = (group, outer, inner)
-                self.join(src, axis, part)
+                self.untile_back(node, src, axis, math.prod(shape[first:axis]),
+                                 math.prod(shape[axis + 1:last + 1]), group)
+                return
+            if self.unfolded(node, dim, group):
                 return
         attention = _attention_output_of(self.gm, node)
         if attention is not None:  # its units are its query's: widen from there
@@ -595,6 +590,44 @@ class _Walker:
             return
         self.derive_tiled(node, user, start, outer, inner)  # (Swin's patch merging: 2x2xC)
 
+    def unfolded(self, node: fx.Node, dim: int, group: Group) -> bool:
+        """Walking back through a view/reshape whose input holds output axis ``dim``'s units
+        folded with other axes (MobileViT's patches: ``folded_axis``), or holds alone the
+        units that ``dim`` holds folded; joins that input if so."""
+        src = node.args[0]
+        shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
+        shape_out = tensor_shape(node)
+        if not isinstance(src, fx.Node) or shape_in is None or shape_out is None:
+            return False
+        tiles = self.retiled.get(id(group))
+        back = folded_axis(shape_out, dim, shape_in, *tiles[1:]) if tiles else None
+        if tiles is not None and back is not None and back[1:] == (1, 1):
+            self.untile_back(node, src, back[0], *tiles[1:], group)
+            return True
+        folded = folded_axis(shape_out, dim, shape_in)
+        if folded is not None:
+            self.tile_back(node, src, *folded, group)
+        return folded is not None
+
+    def tile_back(self, node: fx.Node, src: fx.Node, axis: int, outer: int, inner: int,
+                  group: Group) -> None:
+        """``src`` (``node``'s input) holds ``node``'s units on ``axis`` as outer x units x
+        inner."""
+        made = Group(node)
+        self.plan.derived[src] = lambda: tiled(self.plan.map_of(node), outer, inner)
+        self.retiled[id(made)] = (group, outer, inner)
+        self.join(src, axis, made)
+
+    def untile_back(self, node: fx.Node, src: fx.Node, axis: int, outer: int, inner: int,
+                    group: Group) -> None:
+        """``src`` (``node``'s input) holds alone on ``axis`` the units that ``node`` holds as
+        outer x units x inner."""
+        part = Group(node)
+        self.plan.derived[src] = lambda: untiled(self.plan.map_of(node), outer, inner,
+                                                 f"node {node.name!r}")
+        self.untiled[id(part)] = (group, outer, inner)
+        self.join(src, axis, part)
+
     def derive_tiled(self, node: fx.Node, user: fx.Node, axis: int, outer: int,
                      inner: int) -> None:
         """``user``'s ``axis`` merges ``outer`` x units x ``inner`` of ``node``."""
@@ -602,7 +635,6 @@ class _Walker:
         if user not in plan.derived:
             plan.derived[user] = lambda: tiled(plan.map_of(node), outer, inner)
             self.follow(user, axis, Group(user))
-            self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
             self.retiled[id(plan.tensors[user][1])] = (plan.tensors[node][1], outer, inner)
             if outer > 1:
                 plan.interleaved.add(user)
@@ -616,16 +648,27 @@ class _Walker:
         if user in self.plan.tensors and (to is None or to.kind != "keep"):
             return  # reached from its output: walking back derives one layout from the other
         if to is None:
-            span = merged_span(tensor_shape(node) or (), tensor_shape(user) or (), dim)
-            if span is None:
-                self.refuse(user, why_not_reshaped(tensor_shape(node) or (), dim,
-                                                   tensor_shape(user) or ()))
-            first, last, axis = span  # merged with axes before it too (after a transpose)
-            shape = tensor_shape(node) or ()
-            self.derive_tiled(node, user, axis, math.prod(shape[first:dim]),
-                              math.prod(shape[dim + 1:last + 1]))
+            shape_in, shape_out = tensor_shape(node) or (), tensor_shape(user) or ()
+            tiles = self.retiled.get(id(self.plan.tensors[node][1]))
+            if tiles is not None:  # folded with other axes before: do they part again here?
+                back = folded_axis(shape_in, dim, shape_out, *tiles[1:])
+                if back is not None and back[1:] == (1, 1):
+                    self.split_heads(node, user, back[0], *tiles[1:])
+                    return
+            folded = folded_axis(shape_in, dim, shape_out)  # merged with axes around it
+            if folded is None:
+                self.refuse(user, CUT_UNITS)
+            self.derive_tiled(node, user, *folded)
             return
         if to.kind == "keep":
+            shape = tensor_shape(user) or ()
+            # A size-1 axis added before the kept one may be a single head (PVT-v2's query,
+            # ``reshape(B, N, heads, -1)`` with one head): tried if keeping is refused.
+            if to.axis > 0 and shape[to.axis - 1] == 1 and len(shape) > rank and \
+                    self.choose_among(user, [to.axis, to.axis - 1]) != to.axis:
+                self.guessed = True
+                self.split_heads(node, user, to.axis - 1, 1, shape[to.axis])
+                return
             self.follow(user, to.axis, self.plan.tensors[node][1])
         elif to.kind == "merge":
             self.derive_expand(node, user, to.axis, to.block)
@@ -709,7 +752,6 @@ class _Walker:
         if user not in plan.derived:
             plan.derived[user] = lambda: plan.map_of(node).expand(block)
             self.follow(user, out_dim, Group(user))
-            self.tiles[id(plan.tensors[user][1])] = plan.tensors[node][1]
             self.retiled[id(plan.tensors[user][1])] = (plan.tensors[node][1], 1, block)
 
     # -- layers
@@ -790,8 +832,9 @@ class _Walker:
     def uniform(self, node: fx.Node, group: Group, kind: str) -> None:
         """Every unit of ``group`` must be copied equally often (for ``node``'s statistics)."""
         root = group
-        while root.source is not None and id(root) in self.tiles:
-            root = self.tiles[id(root)]  # every unit copied equally often stays so, tiled
+        # Every unit copied equally often stays so, tiled or untiled.
+        while root.source is not None and id(root) in {**self.retiled, **self.untiled}:
+            root = {**self.retiled, **self.untiled}[id(root)][0]
         why = (f"{kind} normalises over units laid out by a concatenation or flatten, which "
                "cannot all be copied equally often")
         held = root.layout.whole if isinstance(root.layout, Whole) else \

@@ -4,8 +4,9 @@ the widened axis goes through a view/reshape.
 A size read of the widened axis (``B, N, C = x.shape``, ``x.size(-1)``) is replaced by its old
 value when the widen is applied, and the integer arithmetic fed by it (``C // heads``) is folded
 on old values: every layer the units do not reach keeps computing with the sizes it had. Where
-the widened tensor itself is reshaped, the reshape's size for the widened axis is set to the new
-width (``widen._rewrite_reshapes``), whatever expression held it.
+the widened tensor itself is reshaped, the reshape's size for the axis holding the units is set
+to the new width (``widen._rewrite_reshapes``), or, computed at run time from the batch size
+with the units among other axes (MobileViT's ``B * C * n_h``), scaled by new / old width.
 """
 
 from __future__ import annotations
@@ -130,55 +131,27 @@ def reshaped_axis(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
     return None
 
 
-def merged_span(shape_in: tuple[int, ...], shape_out: tuple[int, ...],
-                dim: int) -> tuple[int, int, int] | None:
-    """Input axes ``first..last`` around ``dim`` that a reshape merges into one output axis,
-    and that axis (a merge with the axes before the units, as after a transpose); else None."""
-    for first in range(dim, -1, -1):
-        before = math.prod(shape_in[:first])
-        for last in range(dim, len(shape_in)):
-            size = math.prod(shape_in[first:last + 1])
-            for p in range(len(shape_out)):
-                if math.prod(shape_out[:p]) == before and shape_out[p] == size and \
-                        (first, last) != (dim, dim):
-                    return first, last, p
+def folded_axis(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...],
+                outer: int = 1, inner: int = 1) -> tuple[int, int, int] | None:
+    """The output axis of a view/reshape that holds the units of input axis ``dim`` whole (laid
+    out ``outer`` x units x ``inner`` on it), and their layout there, (axis, outer, inner);
+    None if the reshape cuts the units apart.
+
+    Told by element strides, whatever the axes around the units do: Swin's 2 x 2 x C patch
+    merge, or MobileViT's unfolding into patches, which folds the channels into the batch
+    axis between the batch and the patch rows (``reshape(B * C * n_h, p_h, n_w, p_w)``) and
+    later splits them out again."""
+    units = shape_in[dim] // (outer * inner)
+    after = inner * math.prod(shape_in[dim + 1:])  # elements per unit, in memory order
+    for p, size in enumerate(shape_out):
+        stride = math.prod(shape_out[p + 1:])
+        if units > 1 and after % stride == 0 and size % (units * (after // stride)) == 0:
+            return p, size // (units * (after // stride)), after // stride
     return None
 
 
-def why_not_reshaped(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...]) -> str:
-    """Why ``reshaped_axis`` found no place for axis ``dim`` (and ``merged_span`` none)."""
-    if folds_into_batch(shape_in, dim, shape_out):
-        return _FOLDED
-    before = math.prod(shape_in[:dim])
-    if any(math.prod(shape_out[:p]) < before < math.prod(shape_out[:p + 1])
-           for p in range(len(shape_out))):
-        return ("it merges the widened axis with part of an axis before it, so the units' "
-                "elements would interleave with it")
-    return "it regroups the widened axis into sizes that do not hold whole units"
-
-
-_FOLDED = ("it folds the widened axis into the batch axis together with positions (as "
-           "MobileViT's unfolding into patches), and that axis's size is computed from the "
-           "batch size at run time, which morphcli does not rewrite (it rewrites sizes that "
-           "hold the widened axis alone)")
-
-
-def folds_into_batch(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...]) -> bool:
-    """Whether the first axis of ``shape_out`` holds the batch, axis ``dim`` of ``shape_in``
-    and more besides (MobileViT's ``reshape(B * C * n_h, ...)``)."""
-    held = math.prod(shape_in[:dim + 1])
-    return dim >= 1 and bool(shape_out) and shape_out[0] > held and shape_out[0] % held == 0
-
-
-def why_not_regrouped(node: fx.Node, dim: int) -> str | None:
-    """Walking back to a reshape whose input holds output axis ``dim`` folded into its batch
-    axis: the reason (else None)."""
-    src = node.args[0] if node.args else None
-    shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
-    shape_out = tensor_shape(node)
-    if shape_in is None or shape_out is None:
-        return None
-    return _FOLDED if folds_into_batch(shape_out, dim, shape_in) else None
+# Why a view/reshape is refused when ``reshaped_axis`` and ``folded_axis`` find no place.
+CUT_UNITS = "it cuts the widened units apart: no axis of its output holds them whole"
 
 
 def _view_shapes(node: fx.Node) -> tuple[fx.Node, tuple[int, ...], tuple[int, ...]] | None:

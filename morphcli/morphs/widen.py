@@ -9,6 +9,7 @@ the function exactly and lets training break the symmetry without noise.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,14 +381,27 @@ def _rewrite_reshapes(plan: Coupling) -> list[Change]:
         value = sizes[dim]
         if value == -1:
             continue
-        # A computed size (from sizes read at run time) held the old width: now the new one.
-        if isinstance(value, int) and value != old_size:
+        how = f"{node.target} size constant"
+        if isinstance(value, fx.Node):  # computed at run time (from the batch size, say)
+            sizes[dim] = _scaled(node, value, old_size, new_size)
+            how = f"{node.target} size computed at run time, scaled to the new width"
+        elif value != old_size:
             raise UnsupportedMorphError(f"cannot widen: unexpected size {value} in {node.name!r}")
-        sizes[dim] = new_size
+        else:
+            sizes[dim] = new_size
         if packed:
             node.args = (args[0], tuple(sizes) if isinstance(second, tuple) else sizes)
         else:
             node.args = (args[0], *sizes)
-        changes.append(Change("rewired", node.name, str(old_size), str(new_size),
-                              f"{node.target} size constant"))
+        changes.append(Change("rewired", node.name, str(old_size), str(new_size), how))
     return changes
+
+
+def _scaled(at: fx.Node, value: fx.Node, old: int, new: int) -> fx.Node:
+    """``value * new / old`` computed before ``at``: a size that holds the widened units among
+    others (MobileViT's ``B * C * n_h``), which the batch size makes a run-time value; it holds
+    whole units, so it divides exactly."""
+    step = math.gcd(old, new)
+    with at.graph.inserting_before(at):
+        units = at.graph.call_function(operator.floordiv, (value, old // step))
+        return at.graph.call_function(operator.mul, (units, new // step))
