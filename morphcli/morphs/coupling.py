@@ -831,10 +831,9 @@ class _Walker:
 
     def uniform(self, node: fx.Node, group: Group, kind: str) -> None:
         """Every unit of ``group`` must be copied equally often (for ``node``'s statistics)."""
-        root = group
-        # Every unit copied equally often stays so, tiled or untiled.
-        while root.source is not None and id(root) in {**self.retiled, **self.untiled}:
-            root = {**self.retiled, **self.untiled}[id(root)][0]
+        root, links = group, {**self.retiled, **self.untiled}
+        while root.source is not None and id(root) in links:
+            root = links[id(root)][0]  # every unit copied equally often stays so, (un)tiled
         why = (f"{kind} normalises over units laid out by a concatenation or flatten, which "
                "cannot all be copied equally often")
         held = root.layout.whole if isinstance(root.layout, Whole) else \
