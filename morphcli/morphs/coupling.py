@@ -50,6 +50,7 @@ from morphcli.morphs.coupling_sizes import (
     tiled,
     unbound,
     untiled,
+    view_shapes,
     widened_reads,
 )
 from morphcli.morphs.split_ops import is_cat
@@ -594,11 +595,10 @@ class _Walker:
         """Walking back through a view/reshape whose input holds output axis ``dim``'s units
         folded with other axes (MobileViT's patches: ``folded_axis``), or holds alone the
         units that ``dim`` holds folded; joins that input if so."""
-        src = node.args[0]
-        shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
-        shape_out = tensor_shape(node)
-        if not isinstance(src, fx.Node) or shape_in is None or shape_out is None:
+        shapes = view_shapes(node)
+        if shapes is None:
             return False
+        src, shape_in, shape_out = shapes
         tiles = self.retiled.get(id(group))
         back = folded_axis(shape_out, dim, shape_in, *tiles[1:]) if tiles else None
         if tiles is not None and back is not None and back[1:] == (1, 1):

@@ -154,7 +154,7 @@ def folded_axis(shape_in: tuple[int, ...], dim: int, shape_out: tuple[int, ...],
 CUT_UNITS = "it cuts the widened units apart: no axis of its output holds them whole"
 
 
-def _view_shapes(node: fx.Node) -> tuple[fx.Node, tuple[int, ...], tuple[int, ...]] | None:
+def view_shapes(node: fx.Node) -> tuple[fx.Node, tuple[int, ...], tuple[int, ...]] | None:
     """A view/reshape's input and both shapes, if known."""
     src = node.args[0] if node.args else None
     shape_in = tensor_shape(src) if isinstance(src, fx.Node) else None
@@ -169,7 +169,7 @@ def split_from(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None:
     """For a view/reshape whose output axis ``dim`` is one of the axes an input axis is split
     into (outer x units x inner: qkv's heads, or SKNet's paths x channels, units last): that
     input, its axis, outer and inner; else None."""
-    shapes = _view_shapes(node)
+    shapes = view_shapes(node)
     if shapes is None:
         return None
     src, shape_in, shape_out = shapes
@@ -186,7 +186,7 @@ def merged_into(node: fx.Node, dim: int) -> tuple[fx.Node, int, int, int] | None
     (ResNeSt's radix x channels): that input, first, last and the axis the heads convention
     picks (``reshaped_axis``); else None. (A flatten's merged axis is a patch embedding's
     tokens, refused by name.)"""
-    shapes = _view_shapes(node)
+    shapes = view_shapes(node)
     if shapes is None:
         return None
     src, shape_in, shape_out = shapes
